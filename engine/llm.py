@@ -1,0 +1,54 @@
+"""The offline API: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.sampling_params import SamplingParams
+from tqdm import tqdm
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args):
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # Validate every prompt before adding any, so a bad one leaves the engine untouched.
+        seqs = [
+            self.engine.make_sequence(str(next(self._ids)), p, sp)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        order = {s.request_id: i for i, s in enumerate(seqs)}
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        results: list[RequestOutput | None] = [None] * len(seqs)
+        with tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        return results

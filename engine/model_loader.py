@@ -1,0 +1,114 @@
+"""From a path to a ready model: config, tokenizer, the engine's own layers, weights in them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.models import model_class
+from pagedserve.engine.weights import iter_checkpoint, load_weights
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: object
+    tokenizer: object
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: list[int]
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    path = Path(config.model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {config.model!r} does not exist")
+    gguf_file = _gguf_file(path)
+    if gguf_file is not None:
+        from pagedserve.engine import gguf_loader
+
+        hf_config = gguf_loader.load_gguf_config(gguf_file)
+        tokenizer = gguf_loader.load_gguf_tokenizer(gguf_file)
+        weights = gguf_loader.iter_gguf_weights(gguf_file)
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a model folder: it has no config.json and no .gguf file"
+            )
+        hf_config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+        weights = iter_checkpoint(path)
+
+    cls = model_class(hf_config)  # refuses unsupported architectures before any heavy work
+    dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
+    max_model_len = _max_model_len(config, hf_config)
+    start = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(config.torch_device):
+            model = cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, weights)
+    model.eval()
+    logger.info("loaded %s (%s) in %.1fs", path.name, cls.__name__, time.perf_counter() - start)
+    return LoadedModel(
+        model=model,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        eos_token_ids=_eos_token_ids(hf_config, tokenizer),
+    )
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
+        from pagedserve.engine.gguf_loader import resolve_gguf_file
+
+        return resolve_gguf_file(path)
+    return None
+
+
+def _max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(
+        hf_config, "n_positions", None
+    )
+    if limit is None:
+        raise ValueError("the model config gives no maximum length; pass --max-model-len")
+    if config.max_model_len is None:
+        return int(limit)
+    if config.max_model_len > limit:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} exceeds the model's positions ({limit}); "
+            f"use at most {limit}"
+        )
+    return config.max_model_len
+
+
+def _eos_token_ids(hf_config, tokenizer) -> list[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype | None:
+    # transformers 5 calls it `dtype`; 4.x `torch_dtype` (which 5 still answers, with a warning).
+    dtype = getattr(hf_config, "dtype", None) if hasattr(hf_config, "dtype") else None
+    dtype = dtype or hf_config.__dict__.get("torch_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None

@@ -1,0 +1,172 @@
+"""Runs the model: owns the weights and the KV cache, turns a SchedulerOutput into one flat
+batch, runs the forward pass and samples. It never decides who runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from pagedserve import kernels
+from pagedserve.engine.batch import Batch
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.layers import PagedAttention
+from pagedserve.engine.model_loader import LoadedModel
+from pagedserve.engine.sampler import SamplingTensors, sample
+from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.engine.sequence import Sequence
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel):
+        self.config = config
+        self.device = config.torch_device
+        self.model: nn.Module = loaded.model
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.eos_token_ids = loaded.eos_token_ids
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = self._num_blocks()
+        self._allocate_kv_cache()
+
+    # --- KV cache -------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _num_blocks(self) -> int:
+        if self.device.type == "cuda":
+            budget = self._profile_cuda_budget()
+        else:
+            budget = self.config.kv_cache_bytes
+        num_blocks = budget // self.block_bytes
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV-cache budget ({budget} bytes) holds no block of {self.block_bytes} bytes; "
+                "raise --kv-cache-memory (CPU) or --gpu-memory-utilization (CUDA)"
+            )
+        return int(num_blocks)
+
+    def _profile_cuda_budget(self) -> int:
+        """Free memory after a forward pass at the largest batch, times the utilization."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.config.batched_tokens, self.config.max_model_len or self.config.batched_tokens)
+        dummy = self._dummy_batch(n)
+        with torch.inference_mode():
+            for layer in self.attention_layers:  # a one-block cache just for the profile
+                shape = (
+                    -(-n // self.block_size),
+                    self.block_size,
+                    layer.num_kv_heads,
+                    layer.head_dim,
+                )
+                layer.k_cache = layer.v_cache = torch.zeros(
+                    shape, dtype=self.dtype, device=self.device
+                )
+            self.model.compute_logits(self.model(dummy.input_ids, dummy.positions, dummy))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        for layer in self.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    def _dummy_batch(self, n: int) -> Batch:
+        blocks = -(-n // self.block_size)
+        ints = dict(dtype=torch.int32, device=self.device)
+        return Batch(
+            input_ids=torch.zeros(n, dtype=torch.long, device=self.device),
+            positions=torch.arange(n, device=self.device),
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(blocks, **ints)[None],
+            context_lens=torch.tensor([n], **ints),
+            query_start_loc=torch.tensor([0, n], **ints),
+            logits_indices=torch.tensor([n - 1], device=self.device),
+        )
+
+    def _allocate_kv_cache(self) -> None:
+        layer = self.attention_layers[0]
+        shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # Zeros, not empty: masked slots are still multiplied by 0, and 0 * NaN would be NaN.
+        self.k_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attention_layers
+        ]
+        self.v_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attention_layers
+        ]
+        for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches, strict=True):
+            layer.k_cache, layer.v_cache = k, v
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_bytes / 2**20,
+        )  # fmt: skip
+
+    # --- one step -------------------------------------------------------------------------
+    def prepare(self, sched: SchedulerOutput) -> tuple[Batch, list[Sequence]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        query_start_loc = [0]
+        logits_indices: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n, table in zip(sched.seqs, sched.num_new_tokens, sched.block_tables, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            context_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + n)
+            if end == seq.num_tokens:  # the prompt (or recomputation) is complete: sample
+                logits_indices.append(query_start_loc[-1] - 1)
+                sampled.append(seq)
+        width = max(len(t) for t in sched.block_tables)
+        tables = [t + [-1] * (width - len(t)) for t in sched.block_tables]
+
+        def tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        batch = Batch(
+            input_ids=tensor(input_ids, torch.long),
+            positions=tensor(positions, torch.long),
+            slot_mapping=tensor(slots, torch.long),
+            block_tables=tensor(tables),
+            context_lens=tensor(context_lens),
+            query_start_loc=tensor(query_start_loc),
+            logits_indices=tensor(logits_indices, torch.long),
+        )
+        return batch, sampled
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[int, int]:
+        """Run one step; returns {seq_id: sampled token} for sequences that finished their input."""
+        if sched.block_copies:
+            src, dst = zip(*sched.block_copies, strict=True)
+            kernels.copy_blocks(
+                self.k_caches, self.v_caches,
+                torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device),
+            )  # fmt: skip
+        batch, sampled = self.prepare(sched)
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        if not sampled:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device)
+        tokens = sample(logits, tensors).tolist()
+        return {seq.seq_id: tok for seq, tok in zip(sampled, tokens, strict=True)}
+
+    def warmup(self) -> float:
+        """One forward pass so the first request does not pay for lazy initialisation."""
+        start = time.perf_counter()
+        dummy = self._dummy_batch(min(16, self.num_blocks * self.block_size))
+        with torch.inference_mode():
+            self.model(dummy.input_ids, dummy.positions, dummy)
+        return time.perf_counter() - start

@@ -1,0 +1,56 @@
+"""What the engine hands back, shaped like vLLM's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks_total: int
+    num_blocks_used: int
+    block_size: int
+    tokens_in_cache: int  # tokens whose K/V are held
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+    @property
+    def num_blocks_free(self) -> int:
+        return self.num_blocks_total - self.num_blocks_used
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_blocks_used / self.num_blocks_total
+
+    @property
+    def kv_waste(self) -> float:
+        """Fraction of allocated slots that hold no token (the PagedAttention paper's waste)."""
+        slots = self.num_blocks_used * self.block_size
+        return 0.0 if slots == 0 else 1.0 - self.tokens_in_cache / slots

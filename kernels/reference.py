@@ -1,0 +1,99 @@
+"""PyTorch reference kernels: the specification every faster backend is tested against.
+
+Cache layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; a token's slot is
+`block_id * block_size + offset`. The batch is flat: sequence b owns query rows
+`query_start_loc[b]:query_start_loc[b+1]`, which are the last tokens of its `context_lens[b]`
+cached tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T], -1 for padding tokens that must not be stored
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with -1
+    context_lens: torch.Tensor,  # [B] int32, tokens in cache per sequence (this step's included)
+    query_start_loc: torch.Tensor,  # [B+1] int32
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each query token over its own sequence's cached tokens (GQA aware)."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    is_decode = q_lens == 1
+    # Decodes and prefill chunks are padded separately so one long chunk does not pad every decode.
+    if bool(is_decode.all()) or not bool(is_decode.any()):
+        return _padded_attention(
+            query, k_cache, v_cache, block_tables, context_lens, q_lens, scale, sliding_window
+        )
+    out = torch.empty_like(query)
+    token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=query.device), q_lens)
+    for group in (is_decode, ~is_decode):
+        rows = group[token_seq]
+        out[rows] = _padded_attention(
+            query[rows], k_cache, v_cache, block_tables[group], context_lens[group],
+            q_lens[group], scale, sliding_window,
+        )  # fmt: skip
+    return out
+
+
+def _padded_attention(query, k_cache, v_cache, block_tables, context_lens, q_lens, scale, window):
+    num_seqs = len(q_lens)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    device = query.device
+    q_lens = q_lens.long()
+    context_lens = context_lens.long()
+    max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
+
+    # Keys and values of every sequence, gathered from its blocks: [B, max_ctx, kv_heads, dim].
+    key_pos = torch.arange(max_ctx, device=device)
+    blocks = block_tables[:, key_pos // block_size].long().clamp(min=0)
+    slots = blocks * block_size + key_pos % block_size
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]
+    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+
+    # Queries padded to [B, max_q, heads, dim]; query i of sequence b sits at position
+    # context_len - q_len + i.
+    token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    starts = torch.cumsum(q_lens, 0) - q_lens
+    token_idx = torch.arange(len(token_seq), device=device) - starts[token_seq]
+    padded = query.new_zeros(num_seqs, max_q, *query.shape[1:])
+    padded[token_seq, token_idx] = query
+    query_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None]
+
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; keys past the context masked
+    if window is not None:
+        mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
+    out = F.scaled_dot_product_attention(
+        padded.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)[token_seq, token_idx]
+
+
+def copy_blocks(k_caches, v_caches, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy-on-write: copy blocks `src[i]` to `dst[i]` in every layer's caches."""
+    for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
