@@ -45,6 +45,84 @@ def demo() -> None:
     run_demo()
 
 
+@models_app.command("fetch")
+def models_fetch(
+    name: str = typer.Argument(..., metavar="NAME", help="Model to fetch (see `pagedserve models list`)."),
+    cache_dir: Path | None = typer.Option(None, help="Cache folder [default: ~/.cache/pagedserve/models]."),
+) -> None:
+    """Download a ready-made model into the cache (once) and print its path."""
+    from pagedserve.deploy.model_store import ModelFetchError, fetch_model
+
+    try:
+        path = fetch_model(name, cache_dir=cache_dir)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="NAME") from e
+    except ModelFetchError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(str(path))
+
+
+@models_app.command("list")
+def models_list(
+    cache_dir: Path | None = typer.Option(None, help="Cache folder [default: ~/.cache/pagedserve/models]."),
+) -> None:
+    """List the ready-made models and whether each is in the cache."""
+    from pagedserve.deploy.model_store import list_models, model_path
+
+    for spec in list_models():
+        path = model_path(spec.name, cache_dir)
+        where = str(path) if path.is_file() else "not fetched"
+        typer.echo(f"{spec.name}\t{spec.size / 1e6:.0f} MB\t{spec.description}\t{where}")
+
+
+@app.command()
+def controller(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(21001, help="Port to bind."),
+    dispatch_method: str = typer.Option(
+        "least_load", help="least_load or round_robin (FastChat's lottery, shortest_queue too)."
+    ),
+    heartbeat_expiration: float = typer.Option(
+        30.0, help="Seconds without a heartbeat after which a worker is removed."
+    ),
+    health_check_interval: float = typer.Option(
+        5.0, help="Seconds between active /ready checks of each worker (0: off)."
+    ),
+    health_check_timeout: float = typer.Option(2.0, help="Seconds one health check may take."),
+    health_check_failure_threshold: int = typer.Option(
+        3, help="Failed checks in a row after which a worker is removed."
+    ),
+    redis_url: str | None = typer.Option(
+        None, help="Keep the registry in Redis (redis://HOST:PORT/DB) to run several replicas."
+    ),
+    redis_prefix: str = typer.Option("pagedserve:controller", help="Prefix of the Redis keys."),
+    worker_api_timeout: float = typer.Option(
+        100.0, help="Read timeout (s) when proxying /worker_generate_stream."
+    ),
+) -> None:
+    """Run the controller: the registry of workers and the dispatcher (FastChat-compatible)."""
+    from pagedserve.controller.config import ControllerConfig
+    from pagedserve.controller.server import serve
+
+    try:
+        config = ControllerConfig(
+            host=host,
+            port=port,
+            dispatch_method=dispatch_method,
+            heartbeat_expiration=heartbeat_expiration,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
+            health_check_failure_threshold=health_check_failure_threshold,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            worker_api_timeout=worker_api_timeout,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    serve(config)
+
+
 def main() -> None:
     app()
 

@@ -7,6 +7,7 @@ threads at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -88,10 +89,8 @@ class AsyncEngine:
         self._stopped = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError("the engine has been shut down"))
 
