@@ -7,9 +7,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pagedserve import kernels
 from pagedserve.engine.batch import Batch
-from torch import nn
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
+from tqdm import tqdm
+
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams
-from tqdm import tqdm
 
 
 class LLM:

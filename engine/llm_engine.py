@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence as Seq
 
 import torch
+
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_text
 from pagedserve.engine.kv_cache_manager import KVCacheManager

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.models import model_class
 from pagedserve.engine.weights import iter_checkpoint, load_weights
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

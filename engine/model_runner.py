@@ -7,6 +7,8 @@ import logging
 import time
 
 import torch
+from torch import nn
+
 from pagedserve import kernels
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
@@ -15,7 +17,6 @@ from pagedserve.engine.model_loader import LoadedModel
 from pagedserve.engine.sampler import SamplingTensors, sample
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from pagedserve.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()

@@ -7,9 +7,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from pagedserve.engine.layers import default_weight_loader
 from torch import nn
 from tqdm import tqdm
+
+from pagedserve.engine.layers import default_weight_loader
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pagedserve.engine.models.llama import LlamaForCausalLM
 from torch import nn
+
+from pagedserve.engine.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.layers import (
     MergedLinear,
@@ -11,7 +13,6 @@ from pagedserve.engine.layers import (
     RotaryEmbedding,
     SiluAndMul,
 )
-from torch import nn
 
 
 def rope_parameters(config) -> dict:

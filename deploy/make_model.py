@@ -1,0 +1,170 @@
+"""Build tiny random-weight Hugging Face models with an offline byte-level BPE tokenizer.
+
+Model hubs are out of reach, so tests and demos use models made here: a `transformers`
+config from a size preset, random weights from a fixed seed, and a tokenizer trained on
+the corpus shipped in `data/corpus.txt`. The same inputs always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Order fixes the ids: pad=0, bos=1, eos=2 (Llama's defaults), then the chat tokens.
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
+VOCAB_SIZE = 1024
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture: its config and model classes, and per-preset kwargs."""
+
+    config_cls: type[PretrainedConfig]
+    model_cls: type[PreTrainedModel]
+    presets: dict[str, dict[str, Any]]
+
+
+# Add an architecture by adding a row; preset kwargs use that config class's own names.
+# initializer_range is raised from transformers' 0.02: at 0.02 the tied tiny model only echoes
+# its input token and ignores context, which would let attention bugs pass engine tests.
+# Both presets get logits with std ~1.6, so greedy picks are context-dependent and clear-cut.
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(
+        config_cls=LlamaConfig,
+        model_cls=LlamaForCausalLM,
+        presets={
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=172,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                max_position_embeddings=1024,
+                rope_theta=10000.0,
+                initializer_range=0.2,
+            ),
+            "small": dict(
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                tie_word_embeddings=False,
+                max_position_embeddings=2048,
+                rope_theta=10000.0,
+                initializer_range=0.1,
+            ),
+        },
+    ),
+}
+
+
+def _spec(arch: str, preset: str) -> tuple[ArchSpec, dict[str, Any]]:
+    spec = ARCHS.get(arch)
+    if spec is None:
+        raise ValueError(f"unknown arch {arch!r}; supported archs: {', '.join(sorted(ARCHS))}")
+    kwargs = spec.presets.get(preset)
+    if kwargs is None:
+        raise ValueError(
+            f"unknown preset {preset!r} for arch {arch!r}; "
+            f"allowed presets: {', '.join(spec.presets)}"
+        )
+    return spec, kwargs
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE tokenizer on the shipped corpus (deterministic)."""
+    corpus = resources.files("pagedserve.deploy").joinpath("data/corpus.txt")
+    lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    # No normalizer: any normalization (NFC, lowercasing) would break the byte round trip.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        # All 256 bytes, so text the corpus never showed still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,  # transformers 4 would strip " ." spaces on decode
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def build_model(arch: str, preset: str, out: Path, seed: int = 0) -> Path:
+    """Write a random-weight `arch` model of size `preset` plus its tokenizer into `out`.
+
+    Raises ValueError for an unknown arch or preset. Returns `out`.
+    """
+    spec, preset_kwargs = _spec(arch, preset)
+    out = Path(out)
+    tokenizer = train_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (BOS, EOS, PAD)}
+
+    config = spec.config_cls(
+        vocab_size=len(tokenizer),
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        **preset_kwargs,
+    )
+    tokenizer.model_max_length = config.max_position_embeddings
+    torch.manual_seed(seed)
+    model = spec.model_cls(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors is save_pretrained's default format (and the only one in transformers 5).
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "built %s/%s (seed %d): %d params, vocab %d -> %s",
+        arch,
+        preset,
+        seed,
+        n_params,
+        config.vocab_size,
+        out,
+    )
+    return out

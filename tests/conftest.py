@@ -1,0 +1,43 @@
+"""Shared fixtures: random-weight models built once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BuildCached = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def build_cached(tmp_path_factory: pytest.TempPathFactory) -> BuildCached:
+    """`build_cached(arch, preset, seed=0) -> Path`: each combination is built once a session.
+
+    The folders are shared between tests: read them, never write into them.
+    """
+    # Imported here so that test modules which need no model never pay for transformers.
+    from pagedserve.deploy.make_model import build_model
+
+    built: dict[tuple[str, str, int], Path] = {}
+
+    def build(arch: str, preset: str, seed: int = 0) -> Path:
+        key = (arch, preset, seed)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{arch}-{preset}-seed{seed}")
+            built[key] = build_model(arch, preset, out, seed=seed)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(build_cached: BuildCached) -> Path:
+    """A tiny Llama (2 layers, hidden 64, GQA, tied embeddings) with its tokenizer."""
+    return build_cached("llama", "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_llama(build_cached: BuildCached) -> Path:
+    """A small Llama (4 layers, hidden 256, GQA, untied embeddings) with its tokenizer."""
+    return build_cached("llama", "small")
