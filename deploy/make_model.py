@@ -129,22 +129,25 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     return hf_tok
 
 
-def build_model(arch: str, preset: str, out: Path, seed: int = 0) -> Path:
+def build_model(
+    arch: str, preset: str, out: Path, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> Path:
     """Write a random-weight `arch` model of size `preset` plus its tokenizer into `out`.
 
-    Raises ValueError for an unknown arch or preset. Returns `out`.
+    `overrides` replaces config fields of the preset (benchmarks size models this way); a
+    vocab_size below the tokenizer's is refused. Raises ValueError for an unknown arch or
+    preset. Returns `out`.
     """
     spec, preset_kwargs = _spec(arch, preset)
     out = Path(out)
     tokenizer = train_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (BOS, EOS, PAD)}
+    kwargs = {"vocab_size": len(tokenizer), **preset_kwargs, **(overrides or {})}
+    if kwargs["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size must be at least the tokenizer's {len(tokenizer)}")
 
     config = spec.config_cls(
-        vocab_size=len(tokenizer),
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        **preset_kwargs,
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], **kwargs
     )
     tokenizer.model_max_length = config.max_position_embeddings
     torch.manual_seed(seed)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -127,8 +126,9 @@ def iter_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             ) from None
         # GGUF lists dimensions fastest-moving first; torch wants them the other way round.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        # np.array copies: the values may still be a view into the read-only memory map.
-        weight = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
+            values = values.copy()
+        weight = torch.from_numpy(values.reshape(shape))
         if ".attn_q." in tensor.name:
             weight = _unpermute_rotary(weight, num_heads)
         elif ".attn_k." in tensor.name:
@@ -199,11 +199,12 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def _architecture(reader) -> str:
+def _architecture(file: Path, reader) -> str:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"{file.name}: GGUF architecture {arch!r} is not supported; supported: {supported}."
         )
     return arch
 
@@ -212,7 +213,7 @@ class _ArchMetadata:
     """The `<arch>.*` metadata keys, e.g. `llama.block_count`; checks the architecture first."""
 
     def __init__(self, file: Path, reader) -> None:
-        self.file, self.reader, self.arch = file, reader, _architecture(reader)
+        self.file, self.reader, self.arch = file, reader, _architecture(file, reader)
 
     def get(self, key: str, default: Any = None) -> Any:
         return _field(self.reader, f"{self.arch}.{key}", default)

@@ -21,8 +21,9 @@ def store_kv(
 ) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+    row = k_cache.shape[2] * k_cache.shape[3]  # one token's keys, stored as one row
+    k_cache.view(-1, row)[slots] = key[keep].reshape(-1, row)
+    v_cache.view(-1, row)[slots] = value[keep].reshape(-1, row)
 
 
 def paged_attention(
@@ -57,39 +58,50 @@ def paged_attention(
 def _padded_attention(query, k_cache, v_cache, block_tables, context_lens, q_lens, scale, window):
     num_seqs = len(q_lens)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = query.shape[1] // num_kv_heads
     device = query.device
     q_lens = q_lens.long()
     context_lens = context_lens.long()
     max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
 
-    # Keys and values of every sequence, gathered from its blocks: [B, max_ctx, kv_heads, dim].
-    key_pos = torch.arange(max_ctx, device=device)
-    blocks = block_tables[:, key_pos // block_size].long().clamp(min=0)
-    slots = blocks * block_size + key_pos % block_size
-    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]
-    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    # Keys and values of every sequence, gathered block by block: [B, kv_heads, L, dim].
+    num_blocks = -(-max_ctx // block_size)
+    blocks = block_tables[:, :num_blocks].long().clamp(min=0)
+    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)
+    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+    key_pos = torch.arange(num_blocks * block_size, device=device)
 
     # Queries padded to [B, max_q, heads, dim]; query i of sequence b sits at position
     # context_len - q_len + i.
-    token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
-    starts = torch.cumsum(q_lens, 0) - q_lens
-    token_idx = torch.arange(len(token_seq), device=device) - starts[token_seq]
-    padded = query.new_zeros(num_seqs, max_q, *query.shape[1:])
-    padded[token_seq, token_idx] = query
+    if max_q == 1:
+        padded = query[:, None]
+    else:
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        token_idx = torch.arange(len(token_seq), device=device) - starts[token_seq]
+        padded = query.new_zeros(num_seqs, max_q, *query.shape[1:])
+        padded[token_seq, token_idx] = query
     query_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None]
 
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; keys past the context masked
     if window is not None:
         mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
-    out = F.scaled_dot_product_attention(
-        padded.transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out.transpose(1, 2)[token_seq, token_idx]
+
+    # GQA without repeating K/V: the `group` query heads that share a KV head are folded into
+    # the query axis, each keeping its own position's mask.
+    q = padded.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    if max_q == 1:
+        mask = mask[:, None]  # one mask row per sequence, broadcast over the group
+    else:  # an additive mask: SDPA on CPU is slow with a per-row boolean one
+        mask = mask[:, None].expand(-1, group, -1, -1).reshape(num_seqs, 1, group * max_q, -1)
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=device).masked_fill_(
+            ~mask, float("-inf")
+        )
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(num_seqs, max_q, -1, head_dim)
+    return out[:, 0] if max_q == 1 else out[token_seq, token_idx]
 
 
 def copy_blocks(k_caches, v_caches, src: torch.Tensor, dst: torch.Tensor) -> None:
