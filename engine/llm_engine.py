@@ -27,6 +27,18 @@ class InvalidRequestError(ValueError):
     """A request the engine refuses as given; nothing in the engine changed."""
 
 
+def _token_ids(ids) -> list[int]:
+    if (
+        isinstance(ids, (str, bytes))
+        or not isinstance(ids, Seq)
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+    ):
+        raise InvalidRequestError(
+            "a prompt is a string, a list of integer token ids, or a dict holding one"
+        )
+    return list(ids)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -89,13 +101,9 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             return self._tokenize(prompt.get("prompt", ""))
-        if isinstance(prompt, Seq) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise InvalidRequestError(
-            "a prompt is a string, a list of token ids, or a dict holding one"
-        )
+        return None, _token_ids(prompt)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:

@@ -26,7 +26,7 @@ class SamplingParams:
             raise ValueError(
                 f"n must be 1 for now (parallel sampling is not supported yet), got {self.n}"
             )
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -84,7 +84,9 @@ class Scheduler:
             seq = self.waiting[0]
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
-            if n < remaining and not self.chunked_prefill:
+            # Without chunked prefill a prompt runs whole; a preempted sequence that grew past
+            # the budget is still recomputed in chunks, or it could never run again.
+            if n < remaining and not self.chunked_prefill and seq.num_output_tokens == 0:
                 break
             if not self.kv_cache.can_allocate(seq, n):
                 break

@@ -11,7 +11,9 @@ from pagedserve.engine import AsyncEngine, EngineConfig, SamplingParams
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    return AsyncEngine(EngineConfig(model=str(tiny_llama), max_model_len=512, kv_cache_memory=1 << 24))
+    return AsyncEngine(
+        EngineConfig(model=str(tiny_llama), max_model_len=512, kv_cache_memory=1 << 24)
+    )
 
 
 def run(coro):
@@ -31,7 +33,7 @@ def test_streams_growing_outputs_that_end_finished(engine):
     assert lengths == list(range(1, 11))
     assert [o.finished for o in seen] == [False] * 9 + [True]
     texts = [o.outputs[0].text for o in seen]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
     assert seen[-1].outputs[0].finish_reason == "length"
 
 
@@ -94,7 +96,12 @@ def test_bad_request_fails_alone_and_engine_keeps_serving(engine):
         with pytest.raises(ValueError, match="at most"):
             async for _ in engine.generate([7] * 600, SamplingParams(max_tokens=4), "too-long"):
                 pass
-        outs = [o async for o in engine.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True), "good")]
+        outs = [
+            o
+            async for o in engine.generate(
+                "fine", SamplingParams(max_tokens=4, ignore_eos=True), "good"
+            )
+        ]
         return outs[-1]
 
     last = run(main())

@@ -1,0 +1,328 @@
+"""Tests for engine/block_pool.py and engine/kv_cache_manager.py: blocks, ref counts, fork, CoW."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.engine.block_pool import BlockPool
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Sequence
+
+BLOCK_SIZE = 4
+
+
+def make_seq(num_tokens: int, request_id: str = "r") -> Sequence:
+    return Sequence(request_id, None, list(range(10, 10 + num_tokens)), SamplingParams())
+
+
+def prefill(kv: KVCacheManager, seq: Sequence) -> None:
+    """Allocate and 'compute' the whole of `seq`, as one prefill step would."""
+    n = seq.num_tokens - seq.num_computed_tokens
+    assert kv.can_allocate(seq, n)
+    kv.allocate(seq, n)
+    seq.num_computed_tokens += n
+
+
+def decode(kv: KVCacheManager, seq: Sequence, token: int = 7) -> None:
+    """Append one token and compute it, as one decode step would."""
+    seq.token_ids.append(token)
+    assert kv.can_allocate(seq, 1)
+    kv.allocate(seq, 1)
+    seq.num_computed_tokens += 1
+
+
+# --- BlockPool ------------------------------------------------------------------------------
+
+
+def test_pool_allocate_gives_distinct_blocks_with_one_reference() -> None:
+    pool = BlockPool(4)
+    blocks = [pool.allocate() for _ in range(4)]
+    assert sorted(blocks) == [0, 1, 2, 3]
+    assert all(pool.ref_counts[b] == 1 for b in blocks)
+    assert pool.num_free == 0
+    assert pool.num_used == 4
+
+
+def test_pool_block_is_freed_exactly_when_refcount_reaches_zero() -> None:
+    pool = BlockPool(2)
+    block = pool.allocate()
+    pool.incref(block)
+    pool.incref(block)
+    assert pool.ref_counts[block] == 3
+    pool.decref(block)
+    pool.decref(block)
+    assert pool.ref_counts[block] == 1
+    assert pool.num_free == 1, "a block still referenced once must not be free"
+    pool.decref(block)
+    assert pool.ref_counts[block] == 0
+    assert pool.num_free == 2
+
+
+def test_pool_freed_block_can_be_allocated_again() -> None:
+    pool = BlockPool(1)
+    block = pool.allocate()
+    pool.decref(block)
+    assert pool.allocate() == block
+    assert pool.ref_counts[block] == 1
+
+
+def test_pool_double_free_is_an_assertion_error() -> None:
+    pool = BlockPool(2)
+    block = pool.allocate()
+    pool.decref(block)
+    with pytest.raises(AssertionError, match="already free"):
+        pool.decref(block)
+    assert pool.num_free == 2, "a refused double free must not put the block in the queue twice"
+
+
+def test_pool_incref_of_a_free_block_is_an_assertion_error() -> None:
+    pool = BlockPool(2)
+    with pytest.raises(AssertionError, match="free"):
+        pool.incref(0)
+    assert pool.ref_counts == [0, 0]
+
+
+def test_pool_allocate_from_an_empty_pool_raises() -> None:
+    pool = BlockPool(1)
+    pool.allocate()
+    with pytest.raises((IndexError, AssertionError)):
+        pool.allocate()
+
+
+def test_pool_with_no_blocks_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one block"):
+        BlockPool(0)
+
+
+# --- KVCacheManager: growth -----------------------------------------------------------------
+
+
+def test_prefill_allocates_just_enough_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(10)
+    assert kv.blocks_needed(seq, 10) == 3
+    prefill(kv, seq)
+    assert len(kv.block_tables[seq.seq_id]) == 3
+    assert kv.num_free_blocks == 5
+
+
+def test_blocks_are_allocated_one_at_a_time_as_a_sequence_grows() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(1)
+    prefill(kv, seq)
+    for _ in range(20):
+        decode(kv, seq)
+        table = kv.block_tables[seq.seq_id]
+        # Only the last block may be partly empty: exactly ceil(tokens / block_size) blocks.
+        assert len(table) == -(-seq.num_computed_tokens // BLOCK_SIZE)
+        assert len(set(table)) == len(table)
+        assert kv.num_free_blocks == 8 - len(table)
+    assert seq.num_computed_tokens == 21
+    assert len(kv.block_tables[seq.seq_id]) == 6
+
+
+def test_decode_into_a_partly_filled_block_needs_no_new_block() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=BLOCK_SIZE)
+    seq = make_seq(5)
+    prefill(kv, seq)
+    seq.token_ids.append(1)
+    assert kv.blocks_needed(seq, 1) == 0
+    before = list(kv.block_tables[seq.seq_id])
+    kv.allocate(seq, 1)
+    assert kv.block_tables[seq.seq_id] == before
+
+
+def test_chunked_allocation_matches_one_shot_allocation() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(11)
+    for chunk in (3, 3, 5):
+        kv.allocate(seq, chunk)
+        seq.num_computed_tokens += chunk
+        assert len(kv.block_tables[seq.seq_id]) == -(-seq.num_computed_tokens // BLOCK_SIZE)
+    assert len(kv.block_tables[seq.seq_id]) == 3
+
+
+def test_allocating_zero_tokens_changes_nothing() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=BLOCK_SIZE)
+    seq = make_seq(4)
+    assert kv.blocks_needed(seq, 0) == 0
+    kv.allocate(seq, 0)
+    assert kv.num_free_blocks == 4
+
+
+# --- KVCacheManager: check/act pairs --------------------------------------------------------
+
+
+def test_can_allocate_is_true_exactly_when_enough_blocks_are_free() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BLOCK_SIZE)
+    assert kv.can_allocate(make_seq(12), 12)  # 3 blocks of 3
+    assert not kv.can_allocate(make_seq(13), 13)  # 4 blocks of 3
+    first = make_seq(5)
+    prefill(kv, first)  # 2 blocks, 1 free
+    assert kv.can_allocate(make_seq(4), 4)
+    assert not kv.can_allocate(make_seq(5), 5)
+
+
+def test_can_allocate_does_not_change_state() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BLOCK_SIZE)
+    seq = make_seq(9)
+    for _ in range(3):
+        assert kv.can_allocate(seq, 9)
+    assert kv.num_free_blocks == 3
+    assert seq.seq_id not in kv.block_tables
+    assert kv.take_copies() == []
+
+
+def test_can_allocate_counts_only_the_missing_blocks_of_a_growing_sequence() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BLOCK_SIZE)
+    seq = make_seq(8)
+    prefill(kv, seq)  # 2 blocks, full
+    seq.token_ids.extend([1] * 4)
+    assert kv.blocks_needed(seq, 4) == 1
+    assert kv.can_allocate(seq, 4)
+    seq.token_ids.append(1)
+    assert kv.blocks_needed(seq, 5) == 2
+    assert not kv.can_allocate(seq, 5)
+
+
+# --- fork and copy-on-write -----------------------------------------------------------------
+
+
+def forked_pair(kv: KVCacheManager, num_tokens: int) -> tuple[Sequence, Sequence]:
+    parent = make_seq(num_tokens, "parent")
+    prefill(kv, parent)
+    child = make_seq(num_tokens, "child")
+    child.num_computed_tokens = parent.num_computed_tokens
+    kv.fork(parent, child)
+    return parent, child
+
+
+def test_fork_shares_all_blocks_with_refcount_two() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 10)
+    parent_table = kv.block_tables[parent.seq_id]
+    child_table = kv.block_tables[child.seq_id]
+    assert child_table == parent_table
+    assert child_table is not parent_table, "each sequence needs its own table to diverge"
+    assert all(kv.pool.ref_counts[b] == 2 for b in parent_table)
+    assert kv.num_free_blocks == 5, "a fork allocates nothing"
+
+
+def test_fork_shares_blocks_until_write_then_copies_the_partial_last_block() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)  # 2 blocks; the second holds 2 of 4 tokens
+    shared_full, shared_last = kv.block_tables[parent.seq_id]
+
+    child.token_ids.append(99)
+    assert kv.blocks_needed(child, 1) == 1, "writing into a shared block needs a fresh copy"
+    kv.allocate(child, 1)
+
+    child_table = kv.block_tables[child.seq_id]
+    assert child_table[0] == shared_full
+    assert child_table[1] != shared_last
+    assert kv.block_tables[parent.seq_id] == [shared_full, shared_last]
+    assert kv.pool.ref_counts[shared_full] == 2
+    assert kv.pool.ref_counts[shared_last] == 1
+    assert kv.pool.ref_counts[child_table[1]] == 1
+    assert kv.take_copies() == [(shared_last, child_table[1])]
+    assert kv.take_copies() == [], "take_copies hands each copy over once"
+    assert kv.num_free_blocks == 5
+
+
+def test_after_copy_on_write_the_other_sequence_writes_in_place() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)
+    child.token_ids.append(99)
+    kv.allocate(child, 1)
+    kv.take_copies()
+
+    parent_table = list(kv.block_tables[parent.seq_id])
+    parent.token_ids.append(98)
+    assert kv.blocks_needed(parent, 1) == 0
+    kv.allocate(parent, 1)
+    assert kv.block_tables[parent.seq_id] == parent_table
+    assert kv.take_copies() == []
+
+
+def test_no_copy_on_write_when_the_shared_last_block_is_full() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 8)  # 2 full blocks
+    shared = list(kv.block_tables[parent.seq_id])
+
+    child.token_ids.append(99)
+    assert kv.blocks_needed(child, 1) == 1
+    kv.allocate(child, 1)
+
+    child_table = kv.block_tables[child.seq_id]
+    assert child_table[:2] == shared
+    assert len(child_table) == 3 and child_table[2] not in shared
+    assert all(kv.pool.ref_counts[b] == 2 for b in shared)
+    assert kv.take_copies() == []
+
+
+def test_can_allocate_counts_the_copy_on_write_block() -> None:
+    kv = KVCacheManager(num_blocks=2, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)  # both blocks used, the last one partial and shared
+    child.token_ids.append(99)
+    assert kv.num_free_blocks == 0
+    assert not kv.can_allocate(child, 1), "the slot exists but is shared: a copy needs a block"
+
+
+def test_copy_on_write_with_a_chunk_that_crosses_into_new_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)
+    shared_last = kv.block_tables[parent.seq_id][1]
+    child.token_ids.extend([1, 2, 3, 4, 5])  # 11 tokens: fills the copy and one more block
+    assert kv.blocks_needed(child, 5) == 2
+    kv.allocate(child, 5)
+    child_table = kv.block_tables[child.seq_id]
+    assert len(child_table) == 3
+    assert kv.take_copies() == [(shared_last, child_table[1])]
+
+
+# --- free -----------------------------------------------------------------------------------
+
+
+def test_free_returns_every_block() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(13)
+    prefill(kv, seq)
+    assert kv.num_free_blocks == 4
+    kv.free(seq)
+    assert kv.num_free_blocks == 8
+    assert seq.seq_id not in kv.block_tables
+    kv.free(seq)  # freeing twice is harmless: the table is gone
+    assert kv.num_free_blocks == 8
+
+
+def test_freeing_one_of_two_forked_sequences_keeps_the_shared_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)
+    shared = list(kv.block_tables[parent.seq_id])
+    kv.free(parent)
+    assert all(kv.pool.ref_counts[b] == 1 for b in shared)
+    assert kv.num_free_blocks == 6
+    # The survivor now owns its last block alone and writes into it without a copy.
+    child.token_ids.append(1)
+    kv.allocate(child, 1)
+    assert kv.block_tables[child.seq_id] == shared
+    assert kv.take_copies() == []
+
+
+def test_all_blocks_free_after_every_sequence_is_freed() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)
+    grandchild = make_seq(6, "grandchild")
+    grandchild.num_computed_tokens = 6
+    kv.fork(child, grandchild)
+    other = make_seq(9, "other")
+    prefill(kv, other)
+    for seq in (child, grandchild, parent, other):
+        for _ in range(5):
+            decode(kv, seq)
+    for seq in (parent, other, grandchild, child):
+        kv.free(seq)
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert kv.pool.ref_counts == [0] * kv.pool.num_blocks
+    assert kv.block_tables == {}

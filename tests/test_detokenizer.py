@@ -1,0 +1,220 @@
+"""Tests for engine/detokenizer.py: incremental text, stop strings, held-back visible text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_text
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Sequence
+
+TEXTS = [
+    "Hello world, the cat sat on the mat.",
+    "café au lait, crème brûlée et déjà vu",
+    "Tokyo is 東京 and Kyoto is 京都; naïve façade",
+    "emoji 🙂 and math ∑ x² — done",
+    "  leading spaces,\nnew lines\n\tand tabs  ",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama: Path):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@dataclass
+class Stream:
+    seq: Sequence
+    chunks: list[str] = field(default_factory=list)  # what update_text returned per token
+    visible: list[str] = field(default_factory=list)  # visible_text after each token
+    stop: str | None = None
+
+
+def stream(tokenizer, prompt: str, output_ids: list[int], **params) -> Stream:
+    """Feed `output_ids` one at a time the way the engine does, stopping on a stop string."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    seq = Sequence("r", prompt, prompt_ids, SamplingParams(max_tokens=None, **params))
+    result = Stream(seq)
+    for token in output_ids:
+        seq.token_ids.append(token)
+        new = update_text(tokenizer, seq)
+        result.chunks.append(new)
+        stop = find_stop_string(seq, len(new))
+        if stop is not None:
+            seq.finish("stop", stop)
+            result.stop = stop
+        result.visible.append(visible_text(seq))
+        if seq.is_finished:
+            break
+    else:
+        seq.finish("length")
+        result.visible.append(visible_text(seq))
+    return result
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def spans_token_boundary(tokenizer, ids: list[int], stop: str) -> bool:
+    return not any(stop in tokenizer.decode([i]) for i in ids)
+
+
+# --- incremental detokenization -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_text_equals_decoding_all_output_tokens(tokenizer, text: str) -> None:
+    ids = encode(tokenizer, text)
+    result = stream(tokenizer, "The answer:", ids)
+    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert result.seq.output_text == text
+    assert "".join(result.chunks) == text
+
+
+def test_non_ascii_characters_really_are_split_across_tokens(tokenizer) -> None:
+    # Guards the tests above: the tiny tokenizer must split these characters into bytes.
+    for char in ("東", "京", "🙂"):
+        ids = encode(tokenizer, char)
+        assert len(ids) > 1
+        assert all(tokenizer.decode([i]) == "\ufffd" for i in ids)
+
+
+def test_an_incomplete_character_is_held_back_not_emitted_as_a_replacement(tokenizer) -> None:
+    ids = encode(tokenizer, "東京")
+    result = stream(tokenizer, "City:", ids)
+    emitted = ""
+    for chunk in result.chunks:
+        emitted += chunk
+        assert "\ufffd" not in emitted
+        assert "東京".startswith(emitted)
+    assert result.chunks[0] == "", "the first byte of 東 alone is not text yet"
+    assert emitted == "東京"
+
+
+def test_incremental_text_with_an_empty_prompt_window(tokenizer) -> None:
+    ids = encode(tokenizer, "déjà 東京")
+    seq = Sequence("r", None, [encode(tokenizer, "x")[0]], SamplingParams())
+    for token in ids:
+        seq.token_ids.append(token)
+        update_text(tokenizer, seq)
+    assert seq.output_text == "déjà 東京"
+
+
+def test_special_tokens_are_skipped_like_decode_does(tokenizer) -> None:
+    ids = encode(tokenizer, "one two") + [tokenizer.eos_token_id] + encode(tokenizer, " three")
+    result = stream(tokenizer, "Count:", ids)
+    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "</s>" not in result.seq.output_text
+
+
+def test_special_tokens_are_kept_when_asked(tokenizer) -> None:
+    ids = encode(tokenizer, "one") + [tokenizer.eos_token_id]
+    result = stream(tokenizer, "Count:", ids, skip_special_tokens=False)
+    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=False)
+    assert result.seq.output_text.endswith("</s>")
+
+
+# --- stop strings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "stop"),
+    [
+        ("one two STOP three", "STOP"),
+        ("Hello world, the cat sat on the mat.", "at on"),
+        ("Tokyo is 東京 and Kyoto", "東京"),
+        ("Tokyo is 東京 and Kyoto", "is 東"),
+        ("café au lait", "é a"),
+    ],
+)
+def test_stop_string_spanning_tokens_cuts_the_text_before_it(tokenizer, text, stop) -> None:
+    ids = encode(tokenizer, text)
+    assert spans_token_boundary(tokenizer, ids, stop)
+    result = stream(tokenizer, "Say:", ids, stop=[stop])
+    assert result.stop == stop
+    assert result.seq.output_text == text[: text.index(stop)]
+    assert stop not in result.seq.output_text
+    assert result.visible[-1] == text[: text.index(stop)]
+
+
+def test_generation_stops_at_the_token_that_completes_the_stop_string(tokenizer) -> None:
+    text = "one two STOP three"
+    ids = encode(tokenizer, text)
+    result = stream(tokenizer, "Say:", ids, stop=["STOP"])
+    decoded = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+    completing = next(i for i, t in enumerate(decoded) if "STOP" in t)
+    assert result.seq.num_output_tokens == completing + 1
+
+
+def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:
+    text = "alpha beta gamma delta"
+    ids = encode(tokenizer, text)
+    # "beta gam" starts before "gamma" and is complete no later than it.
+    result = stream(tokenizer, "Say:", ids, stop=["gamma", "beta gam"])
+    assert result.stop == "beta gam"
+    assert result.seq.output_text == "alpha "
+
+
+def test_earliest_starting_stop_string_wins_when_both_complete_on_one_token() -> None:
+    seq = Sequence("r", None, [1], SamplingParams(stop=["cd", "bcd"]))
+    seq.output_text = "abcde"
+    assert find_stop_string(seq, 5) == "bcd"
+    assert seq.output_text == "a"
+
+
+def test_stop_string_already_passed_is_not_found_again() -> None:
+    # Only the new characters (and the stop string's length before them) are searched.
+    seq = Sequence("r", None, [1], SamplingParams(stop=["ab"]))
+    seq.output_text = "xxabyyyy"
+    assert find_stop_string(seq, 2) is None
+    assert seq.output_text == "xxabyyyy"
+
+
+def test_no_stop_string_leaves_the_text_whole(tokenizer) -> None:
+    text = "one two three"
+    result = stream(tokenizer, "Say:", encode(tokenizer, text), stop=["four"])
+    assert result.stop is None
+    assert result.seq.output_text == text
+    assert result.visible[-1] == text, "a finished sequence shows all its text"
+
+
+# --- visible text ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "stops"),
+    [
+        ("one two STOP three", ["STOP"]),
+        ("one two STAMP STOP three", ["STOP", "STAMP S"]),
+        ("Tokyo is 東京 and Kyoto", ["東京 a"]),
+        ("no stop in here at all", ["zzz"]),
+        ("S ST STO STOP", ["STOP"]),
+    ],
+)
+def test_visible_text_only_grows_over_a_stream(tokenizer, text, stops) -> None:
+    result = stream(tokenizer, "Say:", encode(tokenizer, text), stop=stops)
+    for before, after in pairwise(result.visible):
+        assert after.startswith(before), f"{before!r} shrank to {after!r}"
+    for shown in result.visible:
+        assert not any(stop in shown for stop in stops)
+    assert result.visible[-1] == result.seq.output_text
+
+
+def test_visible_text_holds_back_a_possible_stop_string_prefix(tokenizer) -> None:
+    seq = Sequence("r", None, [1], SamplingParams(stop=["STOP"]))
+    seq.output_text = "one two ST"
+    assert visible_text(seq) == "one two", "len('STOP') - 1 characters are held back"
+    seq.finish("length")
+    assert visible_text(seq) == "one two ST", "at the end nothing is held back"
+
+
+def test_visible_text_without_stop_strings_is_the_whole_text() -> None:
+    seq = Sequence("r", None, [1], SamplingParams())
+    seq.output_text = "abc"
+    assert visible_text(seq) == "abc"

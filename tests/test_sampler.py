@@ -1,0 +1,259 @@
+"""Tests for engine/sampler.py: greedy, temperature, top-k, top-p, min-p, seeds, banned tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.engine.sampler import SamplingTensors, _filter, sample
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Sequence
+
+NEG_INF = -float("inf")
+
+
+def tensors(
+    rows: int,
+    temperature: float | list[float] = 1.0,
+    top_p: float | list[float] = 1.0,
+    top_k: int | list[int] = 0,
+    min_p: float | list[float] = 0.0,
+    banned: list[list[int]] | None = None,
+    generators: list[torch.Generator | None] | None = None,
+) -> SamplingTensors:
+    def col(value, dtype):
+        values = value if isinstance(value, list) else [value] * rows
+        assert len(values) == rows
+        return torch.tensor(values, dtype=dtype)
+
+    return SamplingTensors(
+        temperature=col(temperature, torch.float32),
+        top_p=col(top_p, torch.float32),
+        top_k=col(top_k, torch.long),
+        min_p=col(min_p, torch.float32),
+        banned=banned if banned is not None else [[] for _ in range(rows)],
+        generators=generators if generators is not None else [None] * rows,
+    )
+
+
+def logits_from_probs(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float32).log()
+
+
+def kept(filtered: torch.Tensor) -> list[set[int]]:
+    return [set(torch.nonzero(row > NEG_INF).flatten().tolist()) for row in filtered]
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+# --- greedy ---------------------------------------------------------------------------------
+
+
+def test_greedy_rows_take_the_argmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 100)
+    out = sample(logits.clone(), tensors(64, temperature=0.0))
+    assert torch.equal(out, logits.argmax(dim=-1))
+
+
+def test_greedy_rows_take_the_argmax_in_a_batch_with_random_rows() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(32, 50)
+    temperature = [0.0 if i % 2 == 0 else 1.0 for i in range(32)]
+    out = sample(logits.clone(), tensors(32, temperature=temperature, top_p=0.9, top_k=5))
+    assert torch.equal(out[::2], logits[::2].argmax(dim=-1))
+
+
+def test_top_k_one_equals_greedy() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(256, 40)
+    out = sample(logits.clone(), tensors(256, temperature=1.5, top_k=1))
+    assert torch.equal(out, logits.argmax(dim=-1))
+
+
+# --- filters --------------------------------------------------------------------------------
+
+
+def test_top_k_keeps_the_k_largest_logits() -> None:
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert kept(_filter(logits, tensors(2, top_k=[2, 4]))) == [{1, 3}, {0, 1, 2, 3}]
+
+
+def test_top_k_zero_and_larger_than_vocab_keep_everything() -> None:
+    logits = torch.randn(2, 6)
+    assert kept(_filter(logits, tensors(2, top_k=[0, 100]))) == [set(range(6))] * 2
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
+    # The tokens are shuffled so that the sorted order differs from the vocabulary order.
+    probs = [0.15, 0.5, 0.05, 0.3]  # sorted: 1 (0.5), 3 (0.3), 0 (0.15), 2 (0.05)
+    logits = logits_from_probs(probs).repeat(5, 1)
+    top_p = [0.45, 0.75, 0.85, 0.97, 1.0]
+    assert kept(_filter(logits, tensors(5, top_p=top_p))) == [
+        {1},
+        {1, 3},
+        {1, 3, 0},
+        {0, 1, 2, 3},
+        {0, 1, 2, 3},
+    ]
+
+
+def test_top_p_always_keeps_the_most_likely_token() -> None:
+    logits = logits_from_probs([0.6, 0.2, 0.2])[None]
+    assert kept(_filter(logits, tensors(1, top_p=0.01))) == [{0}]
+
+
+def test_top_p_applies_to_the_probabilities_left_by_top_k() -> None:
+    # After top-k=2 the probabilities are 0.625 / 0.375: top-p 0.6 keeps only the first.
+    logits = logits_from_probs([0.5, 0.3, 0.2])[None]
+    assert kept(_filter(logits, tensors(1, top_k=2, top_p=0.6))) == [{0}]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability() -> None:
+    probs = [0.05, 0.5, 0.3, 0.15]
+    logits = logits_from_probs(probs).repeat(3, 1)
+    # Thresholds: 0.5 * 0.2 = 0.1, 0.5 * 0.7 = 0.35, off.
+    assert kept(_filter(logits, tensors(3, min_p=[0.2, 0.7, 0.0]))) == [
+        {1, 2, 3},
+        {1},
+        {0, 1, 2, 3},
+    ]
+
+
+def test_filters_leave_the_kept_logits_unchanged() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(4, 10)
+    filtered = _filter(logits.clone(), tensors(4, top_k=[3, 0, 5, 0], top_p=[1.0, 0.7, 0.9, 1.0]))
+    keep = filtered > NEG_INF
+    assert torch.equal(filtered[keep], logits[keep])
+    assert keep[3].all(), "a row with every filter off is left alone"
+
+
+def test_top_p_sampling_never_draws_a_masked_token() -> None:
+    torch.manual_seed(3)
+    probs = [0.15, 0.5, 0.05, 0.3]
+    rows = 4000
+    logits = logits_from_probs(probs).repeat(rows, 1)
+    out = sample(logits, tensors(rows, top_p=0.75))
+    counts = torch.bincount(out, minlength=4)
+    assert counts[0] == counts[2] == 0
+    # The kept tokens keep their relative weights: 0.5 : 0.3 renormalised.
+    assert chi_square(counts[[1, 3]].float(), torch.tensor([0.625, 0.375])) < 16.0
+
+
+# --- random sampling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 2.0])
+def test_sampled_distribution_matches_softmax_over_temperature(temperature: float) -> None:
+    torch.manual_seed(4)
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
+    rows = 20000
+    out = sample(logits.repeat(rows, 1), tensors(rows, temperature=temperature))
+    counts = torch.bincount(out, minlength=5).float()
+    expected = (logits / temperature).softmax(dim=-1)
+    # 4 degrees of freedom: P(chi2 > 25) is about 5e-5.
+    assert chi_square(counts, expected) < 25.0
+
+
+def test_seeded_rows_sample_from_the_same_distribution() -> None:
+    logits = torch.tensor([0.5, -1.0, 1.5, 0.0, 0.3])
+    rows = 20000
+    gen = torch.Generator().manual_seed(11)
+    out = sample(logits.repeat(rows, 1), tensors(rows, temperature=0.8, generators=[gen] * rows))
+    counts = torch.bincount(out, minlength=5).float()
+    assert chi_square(counts, (logits / 0.8).softmax(dim=-1)) < 25.0
+
+
+def draws(seed: int, logits: torch.Tensor, steps: int = 40) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        int(sample(logits.clone(), tensors(1, temperature=1.0, generators=[gen]))[0])
+        for _ in range(steps)
+    ]
+
+
+def test_seeded_generator_reproduces_its_draws() -> None:
+    logits = torch.zeros(1, 50)
+    torch.manual_seed(0)
+    first = draws(123, logits)
+    torch.manual_seed(999)  # the global RNG must not matter to a seeded row
+    assert draws(123, logits) == first
+
+
+def test_different_seeds_give_different_draws() -> None:
+    logits = torch.zeros(1, 50)
+    assert draws(1, logits) != draws(2, logits)
+
+
+def test_seeded_row_is_independent_of_its_batch_neighbours() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(3, 30)
+    alone = sample(logits[1:2].clone(), tensors(1, generators=[torch.Generator().manual_seed(7)]))
+    batched = sample(
+        logits.clone(),
+        tensors(3, generators=[None, torch.Generator().manual_seed(7), None]),
+    )
+    assert batched[1] == alone[0]
+
+
+# --- banned tokens --------------------------------------------------------------------------
+
+
+def test_banned_tokens_are_never_sampled() -> None:
+    torch.manual_seed(6)
+    rows = 2000
+    logits = torch.tensor([8.0, 1.0, 0.5, 7.0]).repeat(rows, 1)
+    temperature = [0.0 if i % 4 == 0 else 1.5 for i in range(rows)]
+    out = sample(logits, tensors(rows, temperature=temperature, banned=[[0, 3]] * rows))
+    assert not bool(((out == 0) | (out == 3)).any())
+    assert set(out.tolist()) == {1, 2}
+
+
+def seq_with_outputs(params: SamplingParams, num_outputs: int) -> Sequence:
+    seq = Sequence("r", None, [5, 6, 7], params)
+    seq.token_ids.extend([8] * num_outputs)
+    return seq
+
+
+def test_eos_and_stop_tokens_are_banned_until_min_tokens() -> None:
+    params = SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=[9])
+    ignore = SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=[9], ignore_eos=True)
+    seqs = [
+        seq_with_outputs(params, 2),
+        seq_with_outputs(params, 3),
+        seq_with_outputs(ignore, 0),
+    ]
+    t = SamplingTensors.from_seqs(seqs, eos_token_ids=[2], device="cpu")
+    assert [sorted(b) for b in t.banned] == [[2, 9], [], [9]]
+
+
+def test_min_tokens_keeps_a_dominant_eos_from_being_sampled() -> None:
+    seq = seq_with_outputs(SamplingParams(temperature=0.0, min_tokens=1), 0)
+    t = SamplingTensors.from_seqs([seq], eos_token_ids=[2], device="cpu")
+    logits = torch.tensor([[0.0, 1.0, 50.0, 2.0]])
+    assert int(sample(logits, t)[0]) == 3
+
+
+def test_sampling_tensors_carry_each_sequences_parameters() -> None:
+    a = seq_with_outputs(SamplingParams(temperature=0.5, top_p=0.9, top_k=-1, min_p=0.1), 0)
+    b = seq_with_outputs(SamplingParams(temperature=0.0, top_k=7), 0)
+    b.generator = torch.Generator().manual_seed(1)
+    t = SamplingTensors.from_seqs([a, b], eos_token_ids=[2], device="cpu")
+    assert t.temperature.tolist() == [0.5, 0.0]
+    assert t.top_p.tolist() == pytest.approx([0.9, 1.0])
+    assert t.top_k.tolist() == [0, 7]
+    assert t.min_p.tolist() == pytest.approx([0.1, 0.0])
+    assert t.generators == [None, b.generator]
+
+
+def test_sample_returns_one_token_per_row_in_the_vocabulary() -> None:
+    torch.manual_seed(8)
+    logits = torch.randn(16, 33)
+    out = sample(logits, tensors(16, temperature=0.9, top_p=0.95, min_p=0.05))
+    assert out.shape == (16,)
+    assert out.dtype == torch.long
+    assert bool(((out >= 0) & (out < 33)).all())
