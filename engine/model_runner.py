@@ -12,6 +12,7 @@ from torch import nn
 from pagedserve import kernels
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
 from pagedserve.engine.layers import PagedAttention
 from pagedserve.engine.model_loader import LoadedModel
 from pagedserve.engine.sampler import SamplingTensors, sample
@@ -25,6 +26,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
         self.device = config.torch_device
+        if self.device.type == "cpu":
+            keep_freed_memory_in_heap()
         self.model: nn.Module = loaded.model
         self.dtype = loaded.dtype
         self.block_size = config.block_size

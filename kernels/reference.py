@@ -67,8 +67,9 @@ def _padded_attention(query, k_cache, v_cache, block_tables, context_lens, q_len
     # Keys and values of every sequence, gathered block by block: [B, kv_heads, L, dim].
     num_blocks = -(-max_ctx // block_size)
     blocks = block_tables[:, :num_blocks].long().clamp(min=0)
-    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)
-    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+    keys = k_cache.index_select(0, blocks.flatten()).view(num_seqs, -1, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, blocks.flatten()).view(num_seqs, -1, num_kv_heads, head_dim)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     key_pos = torch.arange(num_blocks * block_size, device=device)
 
     # Queries padded to [B, max_q, heads, dim]; query i of sequence b sits at position

@@ -1,0 +1,196 @@
+"""Offline throughput: pagedserve versus `transformers` generate, on one workload, in one run.
+
+    python benchmarks/throughput.py [--num-prompts 64] [--json out.json]
+
+Prints output tokens/s of pagedserve, of transformers one request at a time, and of
+transformers on one left-padded batch, the ratios, the peak KV waste, and the machine's bound
+(the model's matmuls alone at ideal batching)."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import (
+    build_random_llama,
+    matmul_bound_seconds,
+    print_table,
+    random_prompts,
+    write_json,
+)
+from pagedserve.engine import EngineConfig, LLMEngine, SamplingParams
+
+
+def run_pagedserve(path, prompts, output_len, args) -> dict:
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path), dtype=args.dtype, block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=args.kv_cache_memory,
+        )
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    profiler = cProfile.Profile() if args.profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    peak_waste, peak_used, steps, generated = 0.0, 0, 0, 0
+    slots_sum = held_sum = 0  # over all steps, for the time-averaged waste
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+        stats = engine.stats()
+        steps += 1
+        if stats.num_blocks_used:
+            peak_waste = max(peak_waste, stats.kv_waste)
+            peak_used = max(peak_used, stats.num_blocks_used)
+            slots_sum += stats.num_blocks_used * stats.block_size
+            held_sum += stats.tokens_in_cache
+    elapsed = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        print(text.getvalue())
+    return {
+        "seconds": elapsed,
+        "output_tokens": generated,
+        "tokens_per_s": generated / elapsed,
+        "peak_kv_waste": peak_waste,
+        "mean_kv_waste": 1 - held_sum / slots_sum,
+        "peak_blocks_used": peak_used,
+        "steps": steps,
+        "preemptions": engine.stats().num_preemptions,
+        "hf_config": engine.hf_config,
+    }
+
+
+def run_hf_serial(path, prompts, output_len, dtype) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    start, generated = time.perf_counter(), 0
+    with torch.inference_mode():
+        for p in prompts:
+            out = model.generate(
+                torch.tensor([p]), max_new_tokens=output_len, min_new_tokens=output_len,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+            generated += out.shape[1] - len(p)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+
+
+def run_hf_batch(path, prompts, output_len, dtype) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    generated = (out.shape[1] - width) * len(prompts)
+    # A contiguous cache reserves width + output_len slots per sequence for the whole run.
+    held = sum(len(p) + output_len for p in prompts)
+    waste = 1 - held / (len(prompts) * (width + output_len))
+    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed,
+            "kv_waste_at_end": waste}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--min-prompt-len", type=int, default=32)
+    ap.add_argument("--max-prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", type=int, default=None)
+    ap.add_argument("--model", default=None, help="an existing model folder (else a random Llama)")
+    ap.add_argument("--serial-prompts", type=int, default=None,
+                    help="time transformers one-at-a-time on only the first N prompts (a rate)")  # fmt: skip
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the pagedserve run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    if args.model:
+        path = Path(args.model)
+    else:
+        name = f"llama-h{args.hidden}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate}-v{args.vocab}"
+        path = build_random_llama(
+            Path(tempfile.gettempdir()) / "pagedserve-bench" / name, args.hidden, args.layers,
+            args.heads, args.kv_heads, args.intermediate, args.vocab,
+        )  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    vocab = args.vocab if not args.model else 1000
+    prompts = random_prompts(
+        args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed
+    )
+    n_out = args.output_len
+
+    print(f"model {path.name}, {len(prompts)} prompts of {args.min_prompt_len}..{args.max_prompt_len} "
+          f"tokens, {n_out} output tokens each, {args.dtype}, {torch.get_num_threads()} threads")  # fmt: skip
+    paged = run_pagedserve(path, prompts, n_out, args)
+    hf_config = paged.pop("hf_config")
+    bound_s = matmul_bound_seconds(hf_config, sum(map(len, prompts)), len(prompts) * n_out, dtype)
+    bound = {"seconds": bound_s, "tokens_per_s": len(prompts) * n_out / bound_s}
+    results = {"pagedserve": paged, "matmul_bound": bound}
+    if not args.skip_hf:
+        serial_prompts = prompts[: args.serial_prompts] if args.serial_prompts else prompts
+        results["hf_serial"] = run_hf_serial(path, serial_prompts, n_out, dtype)
+        results["hf_batch"] = run_hf_batch(path, prompts, n_out, dtype)
+
+    rows = []
+    for name, r in results.items():
+        ratios = {
+            k: r["tokens_per_s"] / results[k]["tokens_per_s"]
+            for k in ("hf_serial", "hf_batch")
+            if k in results
+        }
+        rows.append((name, f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.0f}",
+                     *(f"{ratios[k]:.2f}x" for k in ("hf_serial", "hf_batch") if k in results)))  # fmt: skip
+    headers = (
+        "system",
+        "seconds",
+        "output tok/s",
+        *(f"vs {k}" for k in ("hf_serial", "hf_batch") if k in results),
+    )
+    print_table(rows, headers)
+    print(f"pagedserve KV waste: mean {paged['mean_kv_waste']:.2%}, peak {paged['peak_kv_waste']:.2%} "
+          f"(block size {args.block_size}), "
+          f"{paged['steps']} steps, {paged['preemptions']} preemptions")  # fmt: skip
+    if "hf_batch" in results:
+        print(
+            f"transformers padded batch: contiguous cache waste {results['hf_batch']['kv_waste_at_end']:.2%}"
+        )
+    results["workload"] = {k: v for k, v in vars(args).items() if k != "json"}
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
