@@ -73,11 +73,50 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
         "steps": steps,
         "preemptions": engine.stats().num_preemptions,
         "hf_config": engine.hf_config,
+        "engine": engine,
     }
 
 
+def chat_ttft(engine: LLMEngine, hf_model, repeats: int = 5) -> dict:
+    """Time to first token of one chat request on an idle engine, median of `repeats`."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        return {}
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    params = SamplingParams(temperature=0, max_tokens=1)
+
+    def paged() -> float:
+        start = time.perf_counter()
+        engine.add_request(f"ttft-{time.perf_counter_ns()}", ids, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - start
+
+    def hf() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=0
+            )
+        return time.perf_counter() - start
+
+    median = lambda f: sorted(f() for _ in range(repeats))[repeats // 2]  # noqa: E731
+    return {"prompt_tokens": len(ids), "pagedserve_s": median(paged), "hf_s": median(hf)}
+
+
+def load_hf(path: Path, dtype):
+    """transformers' own model for the same weights (a GGUF file is dequantized to float32)."""
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        ).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
 def run_hf_serial(path, prompts, output_len, dtype) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = load_hf(path, dtype)
     start, generated = time.perf_counter(), 0
     with torch.inference_mode():
         for p in prompts:
@@ -91,7 +130,7 @@ def run_hf_serial(path, prompts, output_len, dtype) -> dict:
 
 
 def run_hf_batch(path, prompts, output_len, dtype) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = load_hf(path, dtype)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -129,7 +168,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=None)
-    ap.add_argument("--model", default=None, help="an existing model folder (else a random Llama)")
+    ap.add_argument("--model", default=None,
+                    help="a model folder or .gguf file, or 'smollm2' (else a random Llama)")  # fmt: skip
     ap.add_argument("--serial-prompts", type=int, default=None,
                     help="time transformers one-at-a-time on only the first N prompts (a rate)")  # fmt: skip
     ap.add_argument("--skip-hf", action="store_true")
@@ -138,7 +178,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    if args.model:
+    if args.model == "smollm2":
+        from pagedserve.deploy.model_store import fetch_model
+
+        path = fetch_model("smollm2-135m-instruct")
+    elif args.model:
         path = Path(args.model)
     else:
         name = f"llama-h{args.hidden}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate}-v{args.vocab}"
@@ -147,7 +191,7 @@ def main() -> None:
             args.heads, args.kv_heads, args.intermediate, args.vocab,
         )  # fmt: skip
     dtype = getattr(torch, args.dtype)
-    vocab = args.vocab if not args.model else 1000
+    vocab = args.vocab if not args.model else 1000  # ordinary token ids of any tokenizer
     prompts = random_prompts(
         args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed
     )
@@ -157,6 +201,7 @@ def main() -> None:
           f"tokens, {n_out} output tokens each, {args.dtype}, {torch.get_num_threads()} threads")  # fmt: skip
     paged = run_pagedserve(path, prompts, n_out, args)
     hf_config = paged.pop("hf_config")
+    engine = paged.pop("engine")
     bound_s = matmul_bound_seconds(hf_config, sum(map(len, prompts)), len(prompts) * n_out, dtype)
     bound = {"seconds": bound_s, "tokens_per_s": len(prompts) * n_out / bound_s}
     results = {"pagedserve": paged, "matmul_bound": bound}
@@ -165,8 +210,14 @@ def main() -> None:
         results["hf_serial"] = run_hf_serial(path, serial_prompts, n_out, dtype)
         results["hf_batch"] = run_hf_batch(path, prompts, n_out, dtype)
 
+    if not args.skip_hf:
+        ttft = chat_ttft(engine, load_hf(path, dtype))
+        if ttft:
+            results["chat_ttft"] = ttft
     rows = []
     for name, r in results.items():
+        if "tokens_per_s" not in r:
+            continue
         ratios = {
             k: r["tokens_per_s"] / results[k]["tokens_per_s"]
             for k in ("hf_serial", "hf_batch")
@@ -188,6 +239,10 @@ def main() -> None:
         print(
             f"transformers padded batch: contiguous cache waste {results['hf_batch']['kv_waste_at_end']:.2%}"
         )
+    if "chat_ttft" in results:
+        t = results["chat_ttft"]
+        print(f"chat time to first token ({t['prompt_tokens']} prompt tokens): pagedserve "
+              f"{t['pagedserve_s'] * 1000:.0f} ms, transformers {t['hf_s'] * 1000:.0f} ms")  # fmt: skip
     results["workload"] = {k: v for k, v in vars(args).items() if k != "json"}
     write_json(args.json, results)
 

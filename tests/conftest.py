@@ -41,3 +41,15 @@ def tiny_llama(build_cached: BuildCached) -> Path:
 def small_llama(build_cached: BuildCached) -> Path:
     """A small Llama (4 layers, hidden 256, GQA, untied embeddings) with its tokenizer."""
     return build_cached("llama", "small")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip cleanly on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
