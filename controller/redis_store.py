@@ -1,0 +1,122 @@
+"""The registry in Redis, shared by every controller replica that points at the same server.
+
+Layout under `prefix`:
+  {prefix}:workers               a set of worker names
+  {prefix}:worker:{worker_name}  a hash, one field per WorkerInfo field, each value JSON
+Partial updates (heartbeats, health checks, dispatch counts) run as small Lua scripts that
+write only if the worker still exists, so a heartbeat racing an expiry never resurrects half
+a worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.controller.store import StoreError, WorkerStore, _checked
+
+_UPDATE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+_INCR_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+
+@contextmanager
+def _store_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except RedisError as e:
+        raise StoreError(f"Redis at {url} failed: {e}") from e
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) for k, v in fields.items()}
+
+
+def _decode(raw: dict[str, str]) -> WorkerInfo:
+    return WorkerInfo.model_validate({k: json.loads(v) for k, v in raw.items()})
+
+
+class RedisStore(WorkerStore):
+    def __init__(self, url: str, prefix: str = "pagedserve:controller", timeout: float = 5.0):
+        self.url = url
+        self.prefix = prefix
+        self._redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._update = self._redis.register_script(_UPDATE_IF_EXISTS)
+        self._incr = self._redis.register_script(_INCR_IF_EXISTS)
+
+    @property
+    def _names_key(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def _key(self, worker_name: str) -> str:
+        return f"{self.prefix}:worker:{worker_name}"
+
+    async def put(self, info: WorkerInfo) -> None:
+        with _store_errors(self.url):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                key = self._key(info.worker_name)
+                pipe.delete(key)
+                pipe.hset(key, mapping=_encode(info.model_dump()))
+                pipe.sadd(self._names_key, info.worker_name)
+                await pipe.execute()
+
+    async def get(self, worker_name: str) -> WorkerInfo | None:
+        with _store_errors(self.url):
+            raw = await self._redis.hgetall(self._key(worker_name))
+        return _decode(raw) if raw else None
+
+    async def list(self) -> list[WorkerInfo]:
+        with _store_errors(self.url):
+            names = sorted(await self._redis.smembers(self._names_key))
+            if not names:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._key(name))
+                raws = await pipe.execute()
+            gone = [n for n, raw in zip(names, raws, strict=True) if not raw]
+            if gone:  # hash deleted by a replica between SMEMBERS and HGETALL
+                await self._redis.srem(self._names_key, *gone)
+        return [_decode(raw) for raw in raws if raw]
+
+    async def update(self, worker_name: str, fields: dict[str, Any]) -> bool:
+        if not fields:
+            return await self.get(worker_name) is not None
+        args = [x for kv in _encode(_checked(fields)).items() for x in kv]
+        with _store_errors(self.url):
+            return bool(await self._update(keys=[self._key(worker_name)], args=args))
+
+    async def incr_dispatched(self, worker_name: str) -> bool:
+        with _store_errors(self.url):
+            return bool(await self._incr(keys=[self._key(worker_name)], args=["dispatched"]))
+
+    async def remove(self, worker_name: str) -> bool:
+        with _store_errors(self.url):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(worker_name))
+                pipe.srem(self._names_key, worker_name)
+                deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def ping(self) -> None:
+        with _store_errors(self.url):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

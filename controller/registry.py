@@ -1,0 +1,268 @@
+"""The controller's logic: the registry of workers over a store, and dispatch over a policy.
+
+Routes (app.py) only parse, call one method here and format. Nothing here keeps global
+state: everything lives in the store, so several replicas sharing a Redis store agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from pagedserve.controller.config import ControllerConfig
+from pagedserve.controller.dispatch import DispatchPolicy
+from pagedserve.controller.metrics import ControllerMetrics
+from pagedserve.controller.protocol import (
+    HeartbeatRequest,
+    RegisterWorkerRequest,
+    WorkerInfo,
+    WorkerStatus,
+    WorkerView,
+    default_worker_id,
+)
+from pagedserve.controller.store import WorkerStore
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerUnreachable(RuntimeError):
+    """A worker did not answer (registration without worker_status, proxying)."""
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: WorkerStore,
+        policy: DispatchPolicy,
+        client: httpx.AsyncClient,
+        metrics: ControllerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self.client = client
+        self.metrics = metrics
+        self.clock = clock
+
+    # -- registration and heartbeats --------------------------------------------------------
+
+    async def register(self, req: RegisterWorkerRequest) -> WorkerInfo:
+        status = req.worker_status or await self.fetch_status(req.worker_name)
+        now = self.clock()
+        info = WorkerInfo(
+            worker_name=req.worker_name,
+            worker_id=status.worker_id or default_worker_id(req.worker_name),
+            kind="pagedserve" if status.worker_id else "fastchat",
+            model_names=list(dict.fromkeys(status.model_names)),
+            speed=status.speed,
+            queue_length=status.queue_length,
+            running=status.running,
+            waiting=status.waiting,
+            kv_usage=status.kv_usage,
+            state=status.state,
+            context_length=status.context_length,
+            check_heart_beat=req.check_heart_beat,
+            multimodal=req.multimodal,
+            registered_at=now,
+            last_heart_beat=now,
+        )
+        await self.store.put(info)
+        self.metrics.registrations.inc()
+        logger.info(
+            "registered worker %s (%s) serving %s",
+            info.worker_name,
+            info.worker_id,
+            info.model_names,
+        )
+        return info
+
+    async def fetch_status(self, worker_name: str) -> WorkerStatus:
+        """FastChat registers without a status and asks the worker; so do we."""
+        try:
+            r = await self.client.post(
+                worker_name + "/worker_get_status", timeout=self.config.health_check_timeout
+            )
+            r.raise_for_status()
+            return WorkerStatus.model_validate(r.json())
+        except (httpx.HTTPError, ValueError) as e:
+            raise WorkerUnreachable(
+                f"no worker_status was sent and {worker_name}/worker_get_status failed: {e}"
+            ) from e
+
+    async def heartbeat(self, req: HeartbeatRequest) -> bool:
+        """Record the load a worker reports; False tells it to register again."""
+        if req.worker_id is not None:
+            known = await self.store.get(req.worker_name)
+            if known is not None and known.worker_id != req.worker_id:
+                # Another process now answers at this address (a restarted worker): it must
+                # register again so that its models and id replace the old ones.
+                self.metrics.heartbeats.labels("false").inc()
+                return False
+        fields: dict[str, Any] = {
+            "queue_length": req.queue_length,
+            "last_heart_beat": self.clock(),
+            "dispatched": 0,
+        }
+        for name in ("running", "waiting", "kv_usage", "state"):
+            value = getattr(req, name)
+            if value is not None:
+                fields[name] = value
+        exist = await self.store.update(req.worker_name, fields)
+        self.metrics.heartbeats.labels(str(exist).lower()).inc()
+        if not exist:
+            logger.info("heartbeat from unknown worker %s: asking it to register", req.worker_name)
+        return exist
+
+    async def unregister(self, worker_name: str, reason: str = "unregistered") -> bool:
+        removed = await self.store.remove(worker_name)
+        if removed:
+            self.metrics.removals.labels(reason).inc()
+            logger.info("removed worker %s (%s)", worker_name, reason)
+        return removed
+
+    async def drain(self, worker_id: str) -> WorkerInfo | None:
+        """Send no new requests to a worker (operator's request); None if the id is unknown."""
+        for w in await self.store.list():
+            if worker_id in (w.worker_id, w.worker_name):
+                await self.store.update(w.worker_name, {"drain_requested": True})
+                return w.model_copy(update={"drain_requested": True})
+        return None
+
+    # -- queries ----------------------------------------------------------------------------
+
+    async def list_models(self, multimodal: bool | None = None) -> list[str]:
+        """Models with at least one worker accepting requests (FastChat lists every model)."""
+        names: set[str] = set()
+        for w in await self.store.list():
+            if w.accepting and (multimodal is None or w.multimodal == multimodal):
+                names.update(w.model_names)
+        return sorted(names)
+
+    async def workers(self) -> list[WorkerView]:
+        now = self.clock()
+        return [
+            WorkerView(
+                **w.model_dump(),
+                status=w.effective_state,
+                seconds_since_heart_beat=round(max(0.0, now - w.last_heart_beat), 3),
+            )
+            for w in await self.store.list()
+        ]
+
+    async def aggregate_status(self) -> WorkerStatus | dict[str, Any]:
+        """FastChat's controller-as-a-worker status: models, total speed and queue."""
+        workers = [w for w in await self.store.list() if w.accepting]
+        return {
+            "model_names": sorted({m for w in workers for m in w.model_names}),
+            "speed": sum(w.speed for w in workers),
+            "queue_length": sum(w.queue_length + w.dispatched for w in workers),
+        }
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    async def select(
+        self, model: str, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> WorkerInfo | None:
+        candidates = [
+            w
+            for w in await self.store.list()
+            if model in w.model_names and w.accepting and w.worker_name not in exclude
+        ]
+        chosen = self.policy.select(candidates, model)
+        if chosen is None:
+            self.metrics.dispatches.labels(model, "no_worker").inc()
+            return None
+        await self.store.incr_dispatched(chosen.worker_name)
+        self.metrics.dispatches.labels(model, "ok").inc()
+        return chosen
+
+    async def open_stream(self, model: str, params: dict[str, Any]) -> httpx.Response | None:
+        """Open /worker_generate_stream on a worker of `model`; on a connection failure (before
+        any byte was sent) try the next worker. None when no worker serves the model."""
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        for _ in range(8):  # bounded: a model rarely has more replicas than this to try
+            worker = await self.select(model, exclude=tried)
+            if worker is None:
+                break
+            tried.add(worker.worker_name)
+            request = self.client.build_request(
+                "POST",
+                worker.worker_name + "/worker_generate_stream",
+                json=params,
+                timeout=httpx.Timeout(self.config.worker_api_timeout, connect=5.0),
+            )
+            try:
+                return await self.client.send(request, stream=True)
+            except httpx.TransportError as e:
+                logger.warning("worker %s unreachable, trying another: %s", worker.worker_name, e)
+                last_error = e
+        if last_error is not None:
+            raise WorkerUnreachable(f"no worker of {model!r} could be reached: {last_error}")
+        return None
+
+    # -- upkeep (run by the monitor) --------------------------------------------------------
+
+    async def expire(self) -> list[str]:
+        deadline = self.clock() - self.config.heartbeat_expiration
+        expired = [
+            w.worker_name
+            for w in await self.store.list()
+            if w.check_heart_beat and w.last_heart_beat < deadline
+        ]
+        for name in expired:
+            await self.unregister(name, reason="expired")
+        return expired
+
+    async def health_check(self, w: WorkerInfo) -> None:
+        """One active check: GET /ready (pagedserve) or POST /worker_get_status (FastChat)."""
+        timeout = self.config.health_check_timeout
+        try:
+            if w.kind == "pagedserve":
+                r = await self.client.get(w.worker_name + "/ready", timeout=timeout)
+                answered, ready = r.status_code in (200, 503), r.status_code == 200
+            else:
+                r = await self.client.post(w.worker_name + "/worker_get_status", timeout=timeout)
+                answered = ready = r.status_code == 200
+        except httpx.HTTPError:
+            answered = ready = False
+        if answered:
+            await self.store.update(w.worker_name, {"ready": ready, "health_failures": 0})
+            return
+        failures = w.health_failures + 1
+        if failures >= self.config.health_check_failure_threshold:
+            await self.unregister(w.worker_name, reason="health_check")
+        else:
+            await self.store.update(w.worker_name, {"health_failures": failures})
+
+    async def health_check_all(self) -> None:
+        workers = await self.store.list()
+        await asyncio.gather(*(self.health_check(w) for w in workers))
+
+    async def refresh_all(self) -> None:
+        """FastChat's /refresh_all_workers: ask every worker for its status again and drop
+        those that do not answer."""
+
+        async def refresh(w: WorkerInfo) -> None:
+            try:
+                status = await self.fetch_status(w.worker_name)
+            except WorkerUnreachable:
+                await self.unregister(w.worker_name, reason="refresh")
+                return
+            await self.store.update(
+                w.worker_name,
+                {
+                    "model_names": list(dict.fromkeys(status.model_names)),
+                    "speed": status.speed,
+                    "queue_length": status.queue_length,
+                },
+            )
+
+        await asyncio.gather(*(refresh(w) for w in await self.store.list()))

@@ -1,0 +1,218 @@
+"""One suite, both stores: the in-memory registry and the Redis one (a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from servers import RedisServer, redis_or_skip
+
+from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.controller.store import MemoryStore, WorkerStore
+
+StoreFactory = Callable[[], WorkerStore]
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_or_skip(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_store(request: pytest.FixtureRequest) -> StoreFactory:
+    """A factory: stores made in one test share one registry (a fresh one per test)."""
+    if request.param == "memory":
+        shared = MemoryStore()
+        return lambda: shared
+    from pagedserve.controller.redis_store import RedisStore
+
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test{next(_prefixes)}"
+    return lambda: RedisStore(server.url, prefix=prefix)
+
+
+def run(new_store: StoreFactory, body: Callable[[WorkerStore], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = new_store()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def worker(name: str = "http://127.0.0.1:1", **fields) -> WorkerInfo:
+    defaults = {
+        "worker_id": name[-6:],
+        "model_names": ["m"],
+        "registered_at": 1.0,
+        "last_heart_beat": 1.0,
+    }
+    return WorkerInfo(worker_name=name, **{**defaults, **fields})
+
+
+def test_put_then_get_round_trips_every_field(new_store: StoreFactory) -> None:
+    info = worker(
+        model_names=["a", "b"],
+        kind="fastchat",
+        speed=3,
+        queue_length=4,
+        running=2,
+        waiting=2,
+        kv_usage=0.25,
+        state="draining",
+        drain_requested=True,
+        ready=False,
+        health_failures=1,
+        dispatched=7,
+        check_heart_beat=False,
+        multimodal=True,
+        context_length=2048,
+        registered_at=12.5,
+        last_heart_beat=13.25,
+    )
+
+    async def body(store: WorkerStore) -> None:
+        await store.put(info)
+        assert await store.get(info.worker_name) == info
+        assert await store.get("http://127.0.0.1:2") is None
+
+    run(new_store, body)
+
+
+def test_list_is_ordered_by_worker_name(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        assert await store.list() == []
+        for port in (3, 1, 2):
+            await store.put(worker(f"http://127.0.0.1:{port}"))
+        names = [w.worker_name for w in await store.list()]
+        assert names == ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+
+    run(new_store, body)
+
+
+def test_update_changes_only_a_known_worker(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        assert await store.update("http://127.0.0.1:1", {"queue_length": 5, "state": "draining"})
+        got = await store.get("http://127.0.0.1:1")
+        assert got is not None and (got.queue_length, got.state, got.model_names) == (
+            5,
+            "draining",
+            ["m"],
+        )
+        assert not await store.update("http://127.0.0.1:9", {"queue_length": 5})
+        assert await store.get("http://127.0.0.1:9") is None
+        assert len(await store.list()) == 1
+
+    run(new_store, body)
+
+
+def test_update_rejects_unknown_fields(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        with pytest.raises(KeyError):
+            await store.update("http://127.0.0.1:1", {"no_such_field": 1})
+
+    run(new_store, body)
+
+
+def test_dispatched_counts_up_and_a_heartbeat_resets_it(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        for _ in range(3):
+            assert await store.incr_dispatched("http://127.0.0.1:1")
+        assert (await store.get("http://127.0.0.1:1")).dispatched == 3
+        await store.update("http://127.0.0.1:1", {"dispatched": 0, "queue_length": 3})
+        assert (await store.get("http://127.0.0.1:1")).dispatched == 0
+
+    run(new_store, body)
+
+
+def test_concurrent_dispatch_counts_are_exact(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        await asyncio.gather(*(store.incr_dispatched("http://127.0.0.1:1") for _ in range(50)))
+        assert (await store.get("http://127.0.0.1:1")).dispatched == 50
+
+    run(new_store, body)
+
+
+def test_counting_an_unknown_worker_creates_nothing(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        assert not await store.incr_dispatched("http://127.0.0.1:5")
+        assert await store.get("http://127.0.0.1:5") is None
+        assert await store.list() == []
+
+    run(new_store, body)
+
+
+def test_register_again_replaces_the_whole_entry(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker(model_names=["old"], dispatched=4, drain_requested=True))
+        await store.put(worker(model_names=["new"], worker_id="other"))
+        got = await store.get("http://127.0.0.1:1")
+        assert (got.model_names, got.dispatched, got.drain_requested, got.worker_id) == (
+            ["new"],
+            0,
+            False,
+            "other",
+        )
+        assert len(await store.list()) == 1
+
+    run(new_store, body)
+
+
+def test_remove_forgets_a_worker_once(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        await store.put(worker("http://127.0.0.1:2"))
+        assert await store.remove("http://127.0.0.1:1")
+        assert not await store.remove("http://127.0.0.1:1")
+        assert [w.worker_name for w in await store.list()] == ["http://127.0.0.1:2"]
+        assert not await store.update("http://127.0.0.1:1", {"queue_length": 1})
+
+    run(new_store, body)
+
+
+def test_two_store_clients_see_one_registry(new_store: StoreFactory) -> None:
+    """What lets controller replicas share Redis (trivially true for one memory store)."""
+
+    async def body(store: WorkerStore) -> None:
+        other = new_store()
+        try:
+            await store.put(worker())
+            assert await other.incr_dispatched("http://127.0.0.1:1")
+            assert (await store.get("http://127.0.0.1:1")).dispatched == 1
+            assert await other.remove("http://127.0.0.1:1")
+            assert await store.list() == []
+        finally:
+            if other is not store:
+                await other.close()
+
+    run(new_store, body)
+
+
+def test_redis_store_down_raises_store_error(tmp_path: Path) -> None:
+    from servers import free_port
+
+    from pagedserve.controller.redis_store import RedisStore
+    from pagedserve.controller.store import StoreError
+
+    async def body() -> None:
+        store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
+        try:
+            with pytest.raises(StoreError, match="Redis at"):
+                await store.ping()
+            with pytest.raises(StoreError):
+                await store.list()
+        finally:
+            await store.close()
+
+    asyncio.run(body())

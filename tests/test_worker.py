@@ -1,0 +1,530 @@
+"""One model worker as a real process (tiny random Llama): FastChat's worker protocol, OpenAI's
+API, bad input, disconnects, metrics and draining."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import ServerProcess, controller_process, wait_until, worker_process
+
+ENGINE = {"kv_cache_memory": 16 << 20, "max_model_len": 256}
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log_dir = tmp_path_factory.mktemp("worker")
+    with worker_process(
+        log_dir, tiny_llama, None, model_names="tiny,tiny-alias", **ENGINE
+    ).start() as w:
+        yield w
+
+
+def post(w: ServerProcess, path: str, body: object) -> httpx.Response:
+    return httpx.post(w.url + path, json=body, timeout=30)
+
+
+def frames(raw: bytes) -> list[dict]:
+    assert raw.endswith(b"\0")
+    return [json.loads(f) for f in raw.split(b"\0") if f]
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def idle(w: ServerProcess) -> bool:
+    """No request in flight and every KV block back in the pool."""
+    ready = httpx.get(w.url + "/ready", timeout=5).json()
+    used = metric(w, "pagedserve_worker_kv_blocks_used")
+    return ready["in_flight"] == 0 and used == 0
+
+
+def metric(w: ServerProcess, name: str) -> float:
+    for line in httpx.get(w.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+# -- FastChat's worker protocol ------------------------------------------------------------------
+
+
+def test_status_details_and_templates_keep_fastchat_shapes(worker: ServerProcess) -> None:
+    assert httpx.get(worker.url + "/health").json()["status"] == "ok"
+    assert httpx.get(worker.url + "/ready").json()["ready"] is True
+    status = post(worker, "/worker_get_status", None).json()
+    assert status["model_names"] == ["tiny", "tiny-alias"]
+    assert status["speed"] == 1 and status["queue_length"] == 0
+    assert status["state"] == "ready" and status["worker_id"]
+    assert post(worker, "/model_details", {"model": "tiny"}).json() == {"context_length": 256}
+    count = post(worker, "/count_token", {"model": "tiny", "prompt": "hello world"}).json()
+    assert count["error_code"] == 0 and count["count"] > 0
+    conv = post(worker, "/worker_get_conv_template", {"model": "tiny"}).json()["conv"]
+    fastchat_fields = {
+        "name", "system_template", "system_message", "roles", "messages", "offset",
+        "sep_style", "sep", "sep2", "stop_str", "stop_token_ids",
+    }  # fmt: skip
+    assert set(conv) == fastchat_fields
+    assert conv["sep_style"] == 9 and conv["roles"][0] == "<|im_start|>user"  # ChatML
+
+
+def test_generate_stream_frames_are_cumulative_and_nul_delimited(worker: ServerProcess) -> None:
+    body = {"model": "tiny", "prompt": "The sun", "max_new_tokens": 8, "temperature": 0}
+    with httpx.stream("POST", worker.url + "/worker_generate_stream", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        got = frames(r.read())
+    texts = [f["text"] for f in got]
+    assert all(t.startswith("The sun") for t in texts)  # echo defaults to true, as FastChat's
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert all(f["error_code"] == 0 for f in got)
+    assert got[-1]["finish_reason"] == "length" and got[-2]["finish_reason"] is None
+    assert got[-1]["usage"]["completion_tokens"] == 8
+    assert got[-1]["usage"]["total_tokens"] == got[-1]["usage"]["prompt_tokens"] + 8
+
+    final = post(worker, "/worker_generate", {**body, "echo": False}).json()
+    assert final["text"] == texts[-1][len("The sun") :]  # greedy: the same text
+    assert final["finish_reason"] == "length" and final["error_code"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "says"),
+    [
+        ({"prompt": ""}, 400, 40302, "empty"),
+        ({"prompt": "hi", "max_new_tokens": -5}, 400, 40001, "max_new_tokens"),
+        ({"prompt": "hi", "temperature": -1}, 400, 40001, "temperature"),
+        ({"prompt": "hi", "top_p": 3}, 400, 40001, "top_p"),
+        ({"prompt": "hi", "top_k": -7}, 400, 40001, "top_k"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, 400, 40302, "presence_penalty"),
+        ({"prompt": "hi", "use_beam_search": True}, 400, 40302, "use_beam_search"),
+        ({"prompt": "hi", "stop": [""]}, 400, 40302, "stop"),
+        ({"prompt": "hi " * 400}, 400, 40303, "maximum context length"),
+        ({"prompt": "hi", "model": "no-such-model"}, 404, 40301, "no-such-model"),
+        ({"max_new_tokens": 4}, 400, 40001, "prompt"),
+        (["not", "an", "object"], 400, 40001, "body"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/worker_generate_stream", "/worker_generate"])
+def test_bad_generate_params_get_a_4xx_with_fastchat_error_fields(
+    worker: ServerProcess, path: str, body: object, status: int, code: int, says: str
+) -> None:
+    r = post(worker, path, body)
+    assert r.status_code == status, r.text
+    payload = json.loads(r.content.rstrip(b"\0"))
+    assert payload["error_code"] == code and says in payload["text"]
+    assert r.content.endswith(b"\0") == (path == "/worker_generate_stream")
+    assert idle(worker)
+
+
+# -- OpenAI's API ----------------------------------------------------------------------------------
+
+
+def test_models_completions_and_chat_answer_in_openai_shapes(worker: ServerProcess) -> None:
+    models = httpx.get(worker.url + "/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-alias"]
+
+    r = post(
+        worker,
+        "/v1/completions",
+        {"model": "tiny-alias", "prompt": ["One", "Two"], "max_tokens": 4, "n": 2, "seed": 1},
+    )
+    body = r.json()
+    assert (
+        r.status_code == 200
+        and body["object"] == "text_completion"
+        and body["id"].startswith("cmpl-")
+    )
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
+    assert {c["finish_reason"] for c in body["choices"]} <= {"length", "stop"}
+    assert body["usage"]["completion_tokens"] <= 16
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+
+    echoed = post(
+        worker,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "Echo me", "max_tokens": 2, "echo": True},
+    ).json()
+    assert echoed["choices"][0]["text"].startswith("Echo me")
+
+    chat = post(
+        worker,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+        },
+    ).json()
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-")
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
+    assert chat["usage"]["completion_tokens"] <= 5
+
+
+def test_streams_are_server_sent_events_ending_with_done(worker: ServerProcess) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = post(worker, "/v1/chat/completions", body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and "created" in c for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    streamed = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    whole = post(
+        worker, "/v1/chat/completions", {**body, "stream": False, "stream_options": None}
+    ).json()
+    assert streamed == whole["choices"][0]["message"]["content"]
+
+    r = post(
+        worker,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "abc", "max_tokens": 3, "stream": True},
+    )
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in last  # no include_usage: no usage field
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model",
+        ),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0},
+            400,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            400,
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x " * 300}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream_options": {"include_usage": True},
+            },
+            400,
+            None,
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": -0.5}, 400, "top_p"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "frequency_penalty": 1.0},
+            400,
+            "frequency_penalty",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": [99999]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ],
+)
+def test_bad_openai_requests_get_openai_error_objects(
+    worker: ServerProcess, path: str, body: dict, status: int, param: str | None
+) -> None:
+    r = post(worker, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+    assert idle(worker)
+
+
+def test_malformed_json_is_a_400_not_a_500(worker: ServerProcess) -> None:
+    for path in ("/v1/completions", "/worker_generate_stream"):
+        r = httpx.post(
+            worker.url + path, content=b"{oops", headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": "Go",
+                "max_tokens": 240,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Go"}],
+                "n": 2,
+                "max_tokens": 200,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ),
+        ("/worker_generate_stream", {"prompt": "Go", "max_new_tokens": 240}),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "Go", "max_tokens": 240, "ignore_eos": True},
+        ),
+    ],
+)
+def test_a_client_that_goes_away_frees_its_kv_blocks(
+    worker: ServerProcess, path: str, body: dict
+) -> None:
+    started = threading.Event()
+
+    def client() -> None:
+        try:
+            with httpx.stream(
+                "POST", worker.url + path, json=body, timeout=httpx.Timeout(0.5)
+            ) as r:
+                for _ in r.iter_raw():
+                    started.set()
+                    return  # close after the first chunk
+        except httpx.ReadTimeout:  # the non-streaming request: give up waiting
+            started.set()
+
+    t = threading.Thread(target=client)
+    t.start()
+    t.join(10)
+    assert started.is_set()
+    wait_until(lambda: idle(worker), 10, what="aborted request freed")
+    assert httpx.get(worker.url + "/ready").json()["ready"] is True
+
+
+def test_metrics_report_the_engine_and_request_timings(worker: ServerProcess) -> None:
+    post(worker, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    text = httpx.get(worker.url + "/metrics").text
+    for name in (
+        "pagedserve_worker_requests_running",
+        "pagedserve_worker_requests_waiting",
+        "pagedserve_worker_kv_blocks_used",
+        "pagedserve_worker_kv_blocks_total",
+        "pagedserve_worker_generation_tokens_total",
+        "pagedserve_worker_generation_tokens_per_second",
+        "pagedserve_worker_time_to_first_token_seconds_bucket",
+        "pagedserve_worker_request_latency_seconds_count",
+        'pagedserve_worker_requests_total{outcome="ok",route="/v1/completions"}',
+    ):
+        assert name in text, name
+    assert metric(worker, "pagedserve_worker_kv_blocks_total") > 0
+
+
+# -- models without a chat template, draining ------------------------------------------------------
+
+
+def test_a_model_without_chat_template_refuses_chat_with_a_400(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_llama, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with worker_process(tmp_path, plain, None, **ENGINE).start() as w:
+        r = post(
+            w,
+            "/v1/chat/completions",
+            {"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+        assert (
+            post(
+                w, "/v1/completions", {"model": "plain", "prompt": "hi", "max_tokens": 2}
+            ).status_code
+            == 200
+        )
+        conv = post(w, "/worker_get_conv_template", {}).json()["conv"]
+        assert conv["sep_style"] == 1 and conv["roles"] == ["USER", "ASSISTANT"]
+
+
+def test_sigterm_drains_in_flight_requests_then_leaves_the_registry(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    with (
+        controller_process(tmp_path, health_check_interval=0).start() as ctl,
+        worker_process(
+            tmp_path,
+            tiny_llama,
+            ctl.url,
+            model_names="tiny",
+            heartbeat_interval=0.5,
+            drain_timeout=20,
+            max_num_seqs=1,
+            **ENGINE,
+        ).start() as w,
+    ):
+        wait_until(
+            lambda: httpx.post(ctl.url + "/list_models").json()["models"] == ["tiny"],
+            10,
+            what="registered",
+        )
+        result: dict = {}
+
+        def long_request() -> None:
+            body = {"model": "tiny", "prompt": "Go", "max_tokens": 200, "ignore_eos": True}
+            result["response"] = httpx.post(w.url + "/v1/completions", json=body, timeout=30)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        wait_until(
+            lambda: httpx.get(w.url + "/ready").json()["in_flight"] == 1,
+            5,
+            interval=0.01,
+            what="in flight",
+        )
+        w.signal(signal.SIGTERM)
+        wait_until(
+            lambda: httpx.get(w.url + "/ready").status_code == 503,
+            5,
+            interval=0.02,
+            what="draining",
+        )
+        refused = post(w, "/v1/completions", {"model": "tiny", "prompt": "x"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "worker_draining"
+        assert (
+            httpx.post(ctl.url + "/get_worker_address", json={"model": "tiny"}).json()["address"]
+            == ""
+        )
+        t.join(30)
+        done = result["response"].json()
+        assert done["choices"][0]["finish_reason"] == "length"  # finished whole, not cut
+        assert done["usage"]["completion_tokens"] == 200
+        assert w.wait(timeout=15) == 0
+        wait_until(
+            lambda: httpx.get(ctl.url + "/workers").json()["workers"] == [], 5, what="unregistered"
+        )
+
+
+def test_drain_timeout_bounds_the_wait(tiny_llama: Path, tmp_path: Path) -> None:
+    engine = {**ENGINE, "max_model_len": 1024}  # room for a request that outlasts the timeout
+    with worker_process(
+        tmp_path, tiny_llama, None, model_names="tiny", drain_timeout=0.5, **engine
+    ).start() as w:
+        box: dict = {}
+
+        def endless() -> None:
+            body = {
+                "model": "tiny",
+                "prompt": "Go",
+                "max_tokens": 1000,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            with httpx.stream("POST", w.url + "/v1/completions", json=body, timeout=30) as r:
+                box["text"] = r.read().decode()
+
+        t = threading.Thread(target=endless)
+        t.start()
+        wait_until(
+            lambda: httpx.get(w.url + "/ready").json()["in_flight"] == 1,
+            5,
+            interval=0.01,
+            what="in flight",
+        )
+        start = time.monotonic()
+        w.signal(signal.SIGTERM)
+        assert w.wait(timeout=15) == 0
+        assert time.monotonic() - start < 8
+        t.join(10)
+        assert not t.is_alive()
+        events = sse_events(box["text"])  # the stream ended whole: a last chunk, then [DONE]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_a_model_that_cannot_load_makes_the_worker_exit_with_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    w = worker_process(tmp_path, missing, None)
+    w.start(wait=False)
+    assert w.wait(timeout=60) == 1
+    assert "failed to load" in w.log_tail()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"host": "0.0.0.0"}, "worker-address"),
+        ({"controller_address": "127.0.0.1:21001"}, "controller_address"),
+        ({"heartbeat_interval": 0}, "heartbeat_interval"),
+        ({"drain_timeout": -1}, "drain_timeout"),
+        ({"model_names": ["ok", " "]}, "model_names"),
+        ({"port": 0}, "port"),
+        ({"engine": {"model": "x"}}, "model_path"),
+    ],
+)
+def test_worker_config_refuses_bad_values(fields: dict, message: str) -> None:
+    from pagedserve.worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match=message):
+        WorkerConfig(model_path="/models/m", **fields)
+
+
+def test_worker_config_defaults_name_and_address() -> None:
+    from pagedserve.worker.config import WorkerConfig
+
+    config = WorkerConfig(model_path="/models/vicuna-7b/", port=3000)
+    assert config.model_names == ["vicuna-7b"]
+    assert config.worker_address == "http://127.0.0.1:3000"
+    explicit = WorkerConfig(model_path="m", host="0.0.0.0", worker_address="http://10.0.0.5:3000/")
+    assert explicit.worker_address == "http://10.0.0.5:3000"

@@ -1,0 +1,62 @@
+"""A model worker's configuration: one dataclass, filled from `pagedserve worker` flags.
+
+The engine's own settings stay in `EngineConfig` (its flags map onto its fields one to one);
+this holds what the worker process adds: names, addresses, heartbeats, draining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class WorkerConfig:
+    model_path: str
+    # Names the model is served under; default: the model folder's name.
+    model_names: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 21002
+    # None: run alone, register with no controller (FastChat's --no-register).
+    controller_address: str | None = "http://127.0.0.1:21001"
+    # The URL the controller and clients use to reach this worker; default http://HOST:PORT.
+    worker_address: str | None = None
+    heartbeat_interval: float = 10.0
+    # On SIGTERM: seconds to let requests in flight finish before they are aborted.
+    drain_timeout: float = 30.0
+    # Keyword arguments of EngineConfig (model is model_path); see pagedserve.engine.
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model_path = str(self.model_path)
+        if not self.model_path:
+            raise ValueError("model_path must name a model folder or file")
+        if not self.model_names:
+            self.model_names = [Path(self.model_path.rstrip("/")).name]
+        if any(not n.strip() for n in self.model_names):
+            raise ValueError(f"model_names must not contain empty names; got {self.model_names}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535; got {self.port}")
+        if self.heartbeat_interval <= 0:
+            raise ValueError(
+                f"heartbeat_interval must be > 0 seconds; got {self.heartbeat_interval}"
+            )
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0 seconds; got {self.drain_timeout}")
+        for name in ("controller_address", "worker_address"):
+            value = getattr(self, name)
+            if value is not None:
+                if not value.startswith(("http://", "https://")):
+                    raise ValueError(f"{name} must be an http(s) URL; got {value!r}")
+                setattr(self, name, value.rstrip("/"))
+        if self.worker_address is None:
+            if self.host in ("0.0.0.0", "::", ""):
+                raise ValueError(
+                    f"host {self.host!r} listens on every interface; give --worker-address, the "
+                    "URL at which the controller and clients reach this worker"
+                )
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            self.worker_address = f"http://{host}:{self.port}"
+        if "model" in self.engine:
+            raise ValueError("engine settings take the model from model_path, not 'model'")
