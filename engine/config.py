@@ -22,6 +22,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: 2048 on CPU, 8192 on CUDA
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
 

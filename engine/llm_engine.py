@@ -8,15 +8,17 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from pagedserve.engine.beam_search import BeamSearch, Hypothesis
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_text
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from pagedserve.engine.sampler import Sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import Scheduler
-from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +59,13 @@ class LLMEngine:
                 f"one sequence of max_model_len={self.max_model_len}; lower --max-model-len or "
                 "raise --kv-cache-memory / --gpu-memory-utilization"
             )
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.kv_cache, config.max_num_seqs, config.batched_tokens, config.enable_chunked_prefill
         )
-        self.requests: dict[str, list[Sequence]] = {}
+        self.requests: dict[str, SequenceGroup] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.runner.warmup()
@@ -91,6 +95,12 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
                 f"{self.config.batched_tokens} without chunked prefill"
             )
+        width = params.best_of
+        if width > self.config.max_num_seqs or width > self.config.batched_tokens:
+            raise InvalidRequestError(
+                f"best_of/beam width {width} exceeds what one step can run (max_num_seqs="
+                f"{self.config.max_num_seqs}, max_num_batched_tokens={self.config.batched_tokens})"
+            )
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
@@ -108,21 +118,35 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        self.requests[seq.request_id] = [seq]
-        self.scheduler.add(seq)
+        params = seq.params
+        group = SequenceGroup([seq])
+        if params.use_beam_search:
+            limit = (
+                self.max_model_len
+                if params.max_tokens is None
+                else seq.num_tokens + params.max_tokens
+            )
+            group.beam = BeamSearch(
+                width=params.best_of, prompt_len=seq.num_tokens, max_len=min(limit, self.max_model_len),
+                eos_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
+                length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+            )  # fmt: skip
+        else:
+            seq.fan_out = params.best_of
+        self.requests[seq.request_id] = group
+        self.scheduler.add(group)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         self.add_sequence(self.make_sequence(request_id, prompt, params))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seqs = self.requests.pop(request_id, None)
-        if seqs is None:
+        group = self.requests.pop(request_id, None)
+        if group is None:
             return None
-        for seq in seqs:
-            if not seq.is_finished:
-                seq.finish("abort")
-                self.scheduler.finish(seq)
-        return self._output(seqs)
+        for seq in group.unfinished:
+            seq.finish("abort")
+        self.scheduler.finish(group)
+        return self._output(group, force=True)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -130,32 +154,95 @@ class LLMEngine:
     # --- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        outputs = [self._end_out_of_memory(group) for group in sched.out_of_memory]
         if sched.is_empty:
-            return []
-        sampled = self.runner.execute(sched)
-        updated: dict[str, None] = {}
+            return outputs
+        samples = self.runner.execute(sched)
+        sampled: dict[str, list[Sequence]] = {}
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            token = sampled.get(seq.seq_id)
-            if token is None:
-                continue
-            if seq.first_token_time is None:
-                seq.first_token_time = time.monotonic()
-                self.prompt_tokens_total += seq.num_prompt_tokens
-            seq.token_ids.append(token)
-            self.generation_tokens_total += 1
-            self._check_stop(seq, token)
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-            updated[seq.request_id] = None
-        outputs = []
-        for request_id in updated:
-            seqs = self.requests[request_id]
-            out = self._output(seqs)
-            if out.finished:
+            self.kv_cache.register_computed(seq)
+            if seq.seq_id in samples:
+                sampled.setdefault(seq.request_id, []).append(seq)
+        for request_id, seqs in sampled.items():
+            group = self.requests[request_id]
+            if group.beam is not None:
+                self._beam_step(group, samples)
+            else:
+                for seq in seqs:
+                    self._sample_step(group, seq, samples[seq.seq_id])
+            if group.is_finished or (group.beam is not None and group.beam.done):
+                self.scheduler.finish(group)
                 del self.requests[request_id]
-            outputs.append(out)
+            out = self._output(group)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _end_out_of_memory(self, group: SequenceGroup) -> RequestOutput:
+        """A request whose sequences together outgrow the KV cache ends with what it has."""
+        logger.warning("request %s outgrew the KV cache; ending it", group.request_id)
+        for seq in group.unfinished:
+            seq.finish("length", "kv_cache_full")
+        if group.beam is not None:  # the best live beams count as hypotheses
+            group.beam.finish_live(group.seqs)
+        del self.requests[group.request_id]
+        return self._output(group, force=True)
+
+    def _sample_step(self, group: SequenceGroup, seq: Sequence, samples: list[Sample]) -> None:
+        targets = [seq]
+        if len(samples) > 1:  # a fresh prompt fans out: the children share its blocks
+            seq.fan_out = 1
+            for _ in samples[1:]:
+                child = seq.fork()
+                self.kv_cache.fork(seq, child)
+                targets.append(child)
+            group.seqs.extend(targets[1:])
+        for target, sample in zip(targets, samples, strict=True):
+            self._append(target, sample)
+            self._check_stop(target, sample.token)
+            if target.is_finished:
+                self.scheduler.free_seq(target)
+
+    def _beam_step(self, group: SequenceGroup, samples: dict[int, list[Sample]]) -> None:
+        beam = group.beam
+        beams = group.unfinished
+        chosen = beam.step(beams, {b.seq_id: samples[b.seq_id][0].top for b in beams})
+        # Fork first (a fork copies the parent's tokens), then append the new tokens.
+        used: set[int] = set()
+        next_beams = []
+        for cand in chosen:
+            if cand.parent.seq_id in used:
+                seq = cand.parent.fork()
+                self.kv_cache.fork(cand.parent, seq)
+            else:
+                seq = cand.parent
+                used.add(seq.seq_id)
+            next_beams.append((seq, cand))
+        for rank, (seq, cand) in enumerate(next_beams):
+            self._append(seq, Sample(cand.token, cand.logprob, {}))
+            beam.scores[seq.seq_id] = beam.running_score(rank)
+        for old in beams:
+            if old.seq_id not in used:
+                old.finish("abort")
+                self.scheduler.free_seq(old)
+        group.seqs = [seq for seq, _ in next_beams]
+        if beam.done:
+            for seq in group.seqs:
+                seq.finish("stop")
+
+    def _append(self, seq: Sequence, sample: Sample) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+            self.prompt_tokens_total += seq.num_prompt_tokens
+        seq.token_ids.append(sample.token)
+        seq.cumulative_logprob += sample.logprob
+        k = seq.params.logprobs
+        if k is not None:
+            entry = {sample.token: sample.logprob}
+            entry.update(list(sample.top.items())[:k])
+            seq.logprobs.append(entry)
+        self.generation_tokens_total += 1
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         new_chars = len(update_text(self.tokenizer, seq))
@@ -174,18 +261,36 @@ class LLMEngine:
         ):
             seq.finish("length")
 
-    def _output(self, seqs: list[Sequence]) -> RequestOutput:
-        first = seqs[0]
-        completions = [
-            CompletionOutput(
-                index=i,
-                text=visible_text(seq),
-                token_ids=seq.output_token_ids,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for i, seq in enumerate(seqs)
-        ]
+    def _output(self, group: SequenceGroup, force: bool = False) -> RequestOutput | None:
+        """The request's outputs so far; None while a best_of > n request is still choosing."""
+        params, first = group.params, group.seqs[0]
+        finished = group.is_finished
+        if group.beam is not None:
+            if not finished and not force:
+                return None
+            prompt_len = group.beam.prompt_len
+            completions = [
+                self._hypothesis_output(i, h.token_ids[prompt_len:], h)
+                for i, h in enumerate(group.beam.best(params.n))
+            ]
+        else:
+            seqs = group.seqs
+            if params.best_of > params.n:
+                if not finished and not force:
+                    return None
+                seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: params.n]
+            completions = [
+                CompletionOutput(
+                    index=i,
+                    text=visible_text(seq),
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=seq.logprobs if params.logprobs is not None else None,
+                )  # fmt: skip
+                for i, seq in enumerate(seqs)
+            ]
         metrics = {"arrival_time": first.arrival_time}
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
@@ -194,19 +299,38 @@ class LLMEngine:
             prompt=first.prompt,
             prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
             outputs=completions,
-            finished=all(s.is_finished for s in seqs),
+            finished=finished,
             metrics=metrics,
+            prompt_logprobs=first.prompt_logprobs if params.prompt_logprobs is not None else None,
+        )
+
+    def _hypothesis_output(
+        self, index: int, tokens: list[int], hyp: Hypothesis
+    ) -> CompletionOutput:
+        return CompletionOutput(
+            index=index,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            token_ids=tokens,
+            finish_reason="stop" if hyp.eos else "length",
+            cumulative_logprob=hyp.cumulative_logprob,
         )
 
     def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        live = [seq for group in self.scheduler.running for seq in group.unfinished]
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_blocks_total=self.kv_cache.pool.num_blocks,
-            num_blocks_used=self.kv_cache.pool.num_used,
+            num_blocks_total=kv.pool.num_blocks,
+            num_blocks_used=kv.pool.num_used,
             block_size=self.config.block_size,
-            tokens_in_cache=sum(s.num_computed_tokens for s in self.scheduler.running),
+            tokens_in_cache=kv.tokens_held(live),
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            num_blocks_shared=kv.num_shared_blocks(),
+            num_blocks_cached=kv.pool.num_cached,
+            num_cow_copies=kv.num_cow_copies,
+            prefix_cache_queried_tokens=kv.prefix_queried_tokens,
+            prefix_cache_hit_tokens=kv.prefix_hit_tokens,
         )

@@ -15,7 +15,7 @@ from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
 from pagedserve.engine.layers import PagedAttention
 from pagedserve.engine.model_loader import LoadedModel
-from pagedserve.engine.sampler import SamplingTensors, sample
+from pagedserve.engine.sampler import Sample, SamplingTensors, sample
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
 
@@ -150,8 +150,9 @@ class ModelRunner:
         return batch, sampled
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[int, int]:
-        """Run one step; returns {seq_id: sampled token} for sequences that finished their input."""
+    def execute(self, sched: SchedulerOutput) -> dict[int, list[Sample]]:
+        """Run one step; returns {seq_id: samples} for sequences that finished their input
+        (`seq.fan_out` samples each: several when a prompt fans out into best_of)."""
         if sched.block_copies:
             src, dst = zip(*sched.block_copies, strict=True)
             kernels.copy_blocks(
@@ -160,12 +161,44 @@ class ModelRunner:
             )  # fmt: skip
         batch, sampled = self.prepare(sched)
         hidden = self.model(batch.input_ids, batch.positions, batch)
+        self._prompt_logprobs(sched, batch, hidden)
         if not sampled:
             return {}
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device)
-        tokens = sample(logits, tensors).tolist()
-        return {seq.seq_id: tok for seq, tok in zip(sampled, tokens, strict=True)}
+        fan_out = [seq.fan_out for seq in sampled]
+        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
+        samples = iter(sample(logits, tensors))
+        return {
+            seq.seq_id: [next(samples) for _ in range(k)]
+            for seq, k in zip(sampled, fan_out, strict=True)
+        }
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, batch: Batch, hidden: torch.Tensor) -> None:
+        """Logprobs of each prompt token given the ones before it, for requests that ask."""
+        row = 0
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            k, start = seq.params.prompt_logprobs, seq.num_computed_tokens
+            end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt token predicts output
+            if k is not None and start < seq.num_prompt_tokens:
+                if start == 0:
+                    seq.prompt_logprobs = [None]
+                if end > start:
+                    logprobs = (
+                        self.model.compute_logits(hidden[row : row + end - start])
+                        .float()
+                        .log_softmax(-1)
+                    )
+                    targets = torch.tensor(seq.token_ids[start + 1 : end + 1], device=self.device)
+                    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                    top = logprobs.topk(k, dim=-1) if k else None
+                    for i, (token, lp) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+                        entry = {token: lp}
+                        if top is not None:
+                            entry.update(
+                                zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)
+                            )
+                        seq.prompt_logprobs.append(entry)
+            row += n
 
     def warmup(self) -> float:
         """One forward pass so the first request does not pay for lazy initialisation."""

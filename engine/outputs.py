@@ -13,6 +13,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
     stop_reason: str | int | None = None
     cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: the chosen one and the top-k
 
     @property
     def finished(self) -> bool:
@@ -27,6 +28,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -40,6 +42,16 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    num_blocks_shared: int = 0  # blocks referenced by more than one sequence
+    num_blocks_cached: int = 0  # blocks whose content the prefix cache can hand out
+    num_cow_copies: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        queried = self.prefix_cache_queried_tokens
+        return 0.0 if queried == 0 else self.prefix_cache_hit_tokens / queried
 
     @property
     def num_blocks_free(self) -> int:

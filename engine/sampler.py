@@ -1,4 +1,5 @@
-"""Token sampling for a whole batch at once: greedy, temperature, top-k, top-p, min-p.
+"""Token sampling for a whole batch at once: penalties and biases, then greedy, temperature,
+top-k, top-p and min-p, plus the log-probabilities requests ask for.
 
 Random rows use the exponential race (argmax of p / q with q ~ Exp(1)), which samples from p
 exactly and lets a seeded request draw its own noise from its own generator."""
@@ -14,45 +15,89 @@ from pagedserve.engine.sequence import Sequence
 
 @dataclass
 class SamplingTensors:
-    temperature: torch.Tensor  # [S], 0 for greedy rows
+    temperature: torch.Tensor  # [R], 0 for greedy rows
     top_p: torch.Tensor
     top_k: torch.Tensor  # 0: off
     min_p: torch.Tensor
     banned: list[list[int]]  # per row, tokens masked out (EOS before min_tokens)
     generators: list[torch.Generator | None]
+    seqs: list[Sequence]  # the sequence of each row (a row per sample drawn)
+    num_logprobs: int  # top-k alternatives to report (the most any row wants)
 
     @classmethod
-    def from_seqs(cls, seqs: list[Sequence], eos_token_ids: list[int], device) -> SamplingTensors:
+    def from_seqs(
+        cls,
+        seqs: list[Sequence],
+        eos_token_ids: list[int],
+        device,
+        samples: list[int] | None = None,
+    ) -> SamplingTensors:
+        """`samples[i]` rows for `seqs[i]` (several when a prompt fans out into best_of)."""
+        rows = [s for s, k in zip(seqs, samples or [1] * len(seqs), strict=True) for _ in range(k)]
+
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        params = [s.params for s in seqs]
+        params = [s.params for s in rows]
         banned = []
-        for s in seqs:
+        for s in rows:
             p = s.params
+            stops = []
             if s.num_output_tokens < p.min_tokens:
-                stops = list(p.stop_token_ids)
-                if not p.ignore_eos:
-                    stops += eos_token_ids
-                banned.append(stops)
-            else:
-                banned.append([])
+                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+            banned.append(stops)
+        wanted = [
+            max(p.logprobs or 0, 2 * p.beam_width if p.use_beam_search else 0) for p in params
+        ]
         return cls(
             temperature=col([p.temperature for p in params], torch.float32),
             top_p=col([p.top_p for p in params], torch.float32),
             top_k=col([p.top_k for p in params], torch.long),
             min_p=col([p.min_p for p in params], torch.float32),
             banned=banned,
-            generators=[s.generator for s in seqs],
+            generators=[s.generator for s in rows],
+            seqs=rows,
+            num_logprobs=max(wanted),
         )
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits [S, V] -> next token ids [S]."""
-    logits = logits.float()
+@dataclass
+class Sample:
+    token: int
+    logprob: float  # of `token`, after penalties and biases, before temperature
+    top: dict[int, float]  # the most likely tokens and their logprobs, as many as asked for
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
+    """logits [S, V] (one row per sequence) -> a sample per row of `t`."""
+    if logits.shape[0] != len(t.seqs):  # fan-out: repeat each sequence's row for its samples
+        repeats: list[int] = []
+        for i, seq in enumerate(t.seqs):
+            if i and seq is t.seqs[i - 1]:
+                repeats[-1] += 1
+            else:
+                repeats.append(1)
+        logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
+    logits = apply_penalties(logits.float(), t.seqs)
     for row, tokens in enumerate(t.banned):
         if tokens:
             logits[row, tokens] = -float("inf")
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = _choose(logits, t)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    tops: list[dict[int, float]] = [{} for _ in chosen]
+    if t.num_logprobs:
+        top = logprobs.topk(t.num_logprobs, dim=-1)
+        tops = [
+            dict(zip(i, v, strict=True))
+            for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ]
+    return [
+        Sample(tok, lp, top) for tok, lp, top in zip(tokens.tolist(), chosen, tops, strict=True)
+    ]
+
+
+def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     is_greedy = t.temperature == 0
     if bool(is_greedy.all()):
@@ -65,6 +110,33 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
             noise[row].exponential_(generator=gen)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(is_greedy, greedy, sampled)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties (over generated tokens), transformers' repetition
+    penalty (over prompt and generated tokens) and logit_bias, for the rows that ask."""
+    rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    for i in rows:
+        p, seq = seqs[i].params, seqs[i]
+        row = logits[i]
+        if p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            seen = seen[seen < vocab]
+            picked = row[seen]
+            row[seen] = torch.where(
+                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+            )
+        for token, bias in p.logit_bias.items():
+            if token < vocab:
+                row[token] += bias
+    return logits
 
 
 def _filter(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

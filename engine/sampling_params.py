@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for, per token
 
 
 @dataclass
 class SamplingParams:
-    n: int = 1
+    n: int = 1  # sequences returned
+    best_of: int | None = None  # sequences generated (the n with the best cumulative logprob win)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -19,13 +23,19 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    use_beam_search: bool = False  # beam width = best_of (or n)
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
+    logprobs: int | None = None  # top-k alternatives per generated token (0: the chosen only)
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(
-                f"n must be 1 for now (parallel sampling is not supported yet), got {self.n}"
-            )
+        self._check_counts()
         if not self.temperature >= 0:  # also refuses NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -53,7 +63,60 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self._check_penalties()
+        self._check_beam_search()
+
+    def _check_counts(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.best_of is None:
+            self.best_of = self.n
+        if not isinstance(self.best_of, int) or self.best_of < 1:
+            raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+        if self.n > self.best_of:
+            raise ValueError(f"n ({self.n}) must not exceed best_of ({self.best_of})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0.0 < self.repetition_penalty <= 2.0 or math.isnan(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        bias = self.logit_bias or {}
+        if any(not isinstance(t, int) or t < 0 or not -100 <= b <= 100 for t, b in bias.items()):
+            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+        self.logit_bias = {int(t): float(b) for t, b in bias.items()}
+
+    def _check_beam_search(self) -> None:
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        if not self.use_beam_search:
+            return
+        if self.temperature != 0.0:
+            raise ValueError("beam search is deterministic: set temperature to 0")
+        if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:
+            raise ValueError("beam search takes no top_p, top_k or min_p")
+        if self.best_of < 2:
+            raise ValueError("beam search needs a beam width (best_of) of at least 2")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def beam_width(self) -> int:
+        return self.best_of if self.use_beam_search else 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )  # fmt: skip

@@ -1,4 +1,5 @@
-"""A sequence: the tokens of one prompt and its generated continuation, and where it stands."""
+"""Sequences and the groups they form: one request, its prompt, and the continuations that
+share its KV blocks (parallel samples, best_of candidates, beams)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,15 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or token that ended it
     generator: torch.Generator | None = None
     num_prompt_tokens: int = field(init=False)
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     # Incremental detokenization state (see detokenizer.py).
     output_text: str = ""
     prefix_offset: int = field(init=False)
     read_offset: int = field(init=False)
     first_token_time: float | None = None
+    fan_out: int = 1  # samples to draw at the next sampling step (best_of for a fresh prompt)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -65,3 +70,51 @@ class Sequence:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
+
+    def fork(self) -> Sequence:
+        """A copy that continues from here; the KV cache manager shares the blocks."""
+        child = Sequence(
+            self.request_id, self.prompt, list(self.token_ids), self.params,
+            arrival_time=self.arrival_time, status=self.status,
+            num_computed_tokens=self.num_computed_tokens, generator=self.generator,
+            cumulative_logprob=self.cumulative_logprob, logprobs=list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs, output_text=self.output_text,
+            first_token_time=self.first_token_time,
+        )  # fmt: skip
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
+        return child
+
+
+@dataclass
+class SequenceGroup:
+    """One request. It starts as one sequence; n > 1, best_of and beam search fork it once the
+    prompt is computed, so every continuation shares the prompt's blocks."""
+
+    seqs: list[Sequence]
+    beam: object | None = None  # BeamSearch state for beam requests
+
+    @property
+    def request_id(self) -> str:
+        return self.seqs[0].request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.seqs[0].params
+
+    @property
+    def arrival_time(self) -> float:
+        return self.seqs[0].arrival_time
+
+    @property
+    def unfinished(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return not self.unfinished
+
+    @property
+    def forked(self) -> bool:
+        """Whether the prompt has been sampled from (and, for best_of > 1, forked)."""
+        return self.seqs[0].num_output_tokens > 0 or len(self.seqs) > 1

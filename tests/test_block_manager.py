@@ -1,4 +1,5 @@
-"""Tests for engine/block_pool.py and engine/kv_cache_manager.py: blocks, ref counts, fork, CoW."""
+"""Tests for engine/block_pool.py and engine/kv_cache_manager.py: blocks, ref counts, fork, CoW,
+prefix caching."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pagedserve.engine.sequence import Sequence
 BLOCK_SIZE = 4
 
 
-def make_seq(num_tokens: int, request_id: str = "r") -> Sequence:
-    return Sequence(request_id, None, list(range(10, 10 + num_tokens)), SamplingParams())
+def make_seq(
+    num_tokens: int, request_id: str = "r", params: SamplingParams | None = None
+) -> Sequence:
+    tokens = list(range(10, 10 + num_tokens))
+    return Sequence(request_id, None, tokens, params or SamplingParams())
 
 
 def prefill(kv: KVCacheManager, seq: Sequence) -> None:
@@ -86,7 +90,7 @@ def test_pool_incref_of_a_free_block_is_an_assertion_error() -> None:
 def test_pool_allocate_from_an_empty_pool_raises() -> None:
     pool = BlockPool(1)
     pool.allocate()
-    with pytest.raises((IndexError, AssertionError)):
+    with pytest.raises(AssertionError, match="no free block"):
         pool.allocate()
 
 
@@ -326,3 +330,175 @@ def test_all_blocks_free_after_every_sequence_is_freed() -> None:
     assert kv.num_free_blocks == kv.pool.num_blocks
     assert kv.pool.ref_counts == [0] * kv.pool.num_blocks
     assert kv.block_tables == {}
+
+
+# --- BlockPool: prefix cache ----------------------------------------------------------------
+
+TOKENS = (1, 2, 3, 4)
+
+
+def test_pool_lookup_finds_a_registered_block_by_hash_and_tokens() -> None:
+    pool = BlockPool(4, enable_caching=True)
+    block = pool.allocate()
+    pool.register(block, 1234, TOKENS)
+    assert pool.num_cached == 1
+    assert pool.lookup(1234, TOKENS) == block
+    assert pool.lookup(1234, (1, 2, 3, 5)) is None, "a hash hit with other tokens is a miss"
+    assert pool.lookup(999, TOKENS) is None
+
+
+def test_pool_without_caching_registers_nothing() -> None:
+    pool = BlockPool(4)
+    block = pool.allocate()
+    pool.register(block, 1234, TOKENS)
+    assert pool.num_cached == 0
+    assert pool.lookup(1234, TOKENS) is None
+
+
+def test_pool_first_block_registered_with_a_content_wins() -> None:
+    pool = BlockPool(4, enable_caching=True)
+    first, second = pool.allocate(), pool.allocate()
+    pool.register(first, 1234, TOKENS)
+    pool.register(second, 1234, TOKENS)
+    assert pool.lookup(1234, TOKENS) == first
+    assert pool.num_cached == 1
+    pool.decref(second)
+    pool.allocate()  # reusing the duplicate evicts nothing
+    assert pool.num_evictions == 0
+    assert pool.lookup(1234, TOKENS) == first
+
+
+def test_pool_freed_cached_block_is_revived_by_take() -> None:
+    pool = BlockPool(3, enable_caching=True)
+    block = pool.allocate()
+    pool.register(block, 1234, TOKENS)
+    pool.decref(block)
+    assert pool.is_free(block) and pool.num_free == 3
+    assert pool.lookup(1234, TOKENS) == block, "a free block keeps its content"
+    pool.take(block)
+    assert pool.ref_counts[block] == 1
+    assert not pool.is_free(block)
+    assert pool.num_free == 2, "a revived block leaves the free queue"
+    others = [pool.allocate(), pool.allocate()]
+    assert block not in others
+    with pytest.raises(AssertionError):
+        pool.allocate()
+    pool.take(block)  # a block in use is shared
+    assert pool.ref_counts[block] == 2
+    assert pool.num_evictions == 0
+    assert pool.lookup(1234, TOKENS) == block
+
+
+def test_pool_reuses_the_least_recently_freed_block_first_and_counts_evictions() -> None:
+    pool = BlockPool(4, enable_caching=True)
+    blocks = [pool.allocate() for _ in range(3)]
+    for i, block in enumerate(blocks):
+        pool.register(block, 100 + i, (i,))
+    for i in (1, 0, 2):
+        pool.decref(blocks[i])
+    assert pool.num_cached == 3
+    # The never-used block comes first and evicts nothing.
+    assert pool.allocate() not in blocks
+    assert pool.num_evictions == 0
+    assert pool.allocate() == blocks[1]
+    assert pool.lookup(101, (1,)) is None, "the reused block's content is forgotten"
+    assert (pool.num_evictions, pool.num_cached) == (1, 2)
+    assert pool.allocate() == blocks[0]
+    assert (pool.num_evictions, pool.num_cached) == (2, 1)
+    assert pool.lookup(102, (2,)) == blocks[2]
+    pool.register(blocks[0], 100, (0,))  # an evicted content may be registered again
+    assert pool.lookup(100, (0,)) == blocks[0]
+
+
+# --- KVCacheManager: prefix cache -----------------------------------------------------------
+
+
+def computed(kv: KVCacheManager, seq: Sequence) -> Sequence:
+    """Prefill `seq` whole and register the full blocks it filled, as an engine step does."""
+    prefill(kv, seq)
+    kv.register_computed(seq)
+    return seq
+
+
+def test_cached_prefix_covers_the_full_blocks_of_an_earlier_sequence() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first = computed(kv, make_seq(10))
+    table = list(kv.block_tables[first.seq_id])
+    assert kv.pool.num_cached == 2, "only full blocks are cached"
+    assert kv.cached_prefix(make_seq(10)) == table[:2]
+    assert kv.cached_prefix(make_seq(7)) == table[:1]
+    other = make_seq(10)
+    other.token_ids[1] = 99  # the first block differs: no later block can match
+    assert kv.cached_prefix(other) == []
+    kv.free(first)
+    assert kv.cached_prefix(make_seq(10)) == table[:2], "freed blocks stay cached"
+
+
+def test_cached_prefix_never_covers_the_last_token() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first = computed(kv, make_seq(8))
+    table = kv.block_tables[first.seq_id]
+    assert kv.pool.num_cached == 2
+    # The same 8 tokens: the second block holds the last token, whose logits are needed.
+    assert kv.cached_prefix(make_seq(8)) == table[:1]
+    assert kv.cached_prefix(make_seq(9)) == table[:2]
+    assert kv.cached_prefix(make_seq(4)) == []
+    assert kv.cached_prefix(make_seq(5)) == table[:1]
+
+
+def test_cached_prefix_is_empty_when_prompt_logprobs_are_asked_for() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    computed(kv, make_seq(10))
+    assert kv.cached_prefix(make_seq(10, params=SamplingParams(prompt_logprobs=0))) == []
+    assert kv.cached_prefix(make_seq(10, params=SamplingParams(prompt_logprobs=3))) == []
+    assert len(kv.cached_prefix(make_seq(10, params=SamplingParams(logprobs=3)))) == 2
+
+
+def test_cached_prefix_is_empty_without_prefix_caching_or_for_an_allocated_sequence() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    first = computed(kv, make_seq(10))
+    assert kv.pool.num_cached == 0
+    assert kv.cached_prefix(make_seq(10)) == []
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first = computed(kv, make_seq(10))
+    assert kv.cached_prefix(first) == [], "a sequence with blocks has no prefix to look up"
+
+
+def test_allocate_with_a_cached_prefix_shares_its_blocks_and_skips_its_tokens() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first = computed(kv, make_seq(10))
+    shared = kv.block_tables[first.seq_id][:2]
+    kv.free(first)
+    seq = make_seq(11)
+    hit = kv.cached_prefix(seq)
+    assert hit == shared
+    # Three tokens left; one new block, plus the two cached blocks taken out of the free queue.
+    assert kv.blocks_needed(seq, 3, hit) == 3
+    assert kv.can_allocate(seq, 3, hit)
+    kv.allocate(seq, 3, hit)
+    assert seq.num_computed_tokens == 8
+    table = kv.block_tables[seq.seq_id]
+    assert table[:2] == shared and len(table) == 3
+    assert [kv.pool.ref_counts[b] for b in table] == [1, 1, 1]
+    assert kv.num_free_blocks == 1
+    assert (kv.prefix_queried_tokens, kv.prefix_hit_tokens) == (10 + 11, 8)
+
+    # A second sequence with the same prefix shares the blocks while they are in use.
+    again = make_seq(9)
+    hit = kv.cached_prefix(again)
+    assert hit == shared
+    assert kv.blocks_needed(again, 1, hit) == 1
+    kv.allocate(again, 1, hit)
+    assert [kv.pool.ref_counts[b] for b in shared] == [2, 2]
+
+
+def test_freeing_drops_a_cached_prefix_from_its_tail() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first = computed(kv, make_seq(12))
+    table = list(kv.block_tables[first.seq_id])
+    kv.free(first)
+    assert kv.pool.num_cached == 3
+    other = Sequence("other", None, [1, 2, 3, 4], SamplingParams())
+    computed(kv, other)  # takes one block: the tail of the freed prefix
+    assert kv.pool.num_evictions == 1
+    assert kv.cached_prefix(make_seq(13)) == table[:2], "the head of the prefix is still cached"

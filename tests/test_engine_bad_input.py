@@ -113,7 +113,7 @@ def test_duplicate_request_id_is_refused_and_the_first_request_is_unharmed(
     engine.add_request("dup", "Hello world", GREEDY)
     with pytest.raises(InvalidRequestError, match="'dup' is already in use"):
         engine.add_request("dup", "Another prompt", GREEDY)
-    assert len(engine.requests["dup"]) == 1
+    assert len(engine.requests["dup"].seqs) == 1
     assert len(engine.scheduler.waiting) == 1
     finished = []
     while engine.has_unfinished_requests():
@@ -170,6 +170,61 @@ def test_prompt_longer_than_the_batch_budget_is_refused_without_chunked_prefill(
     assert_idle(engine)
     assert run(engine, "fits", [5] * 16).finished
     assert_idle(engine)
+
+
+# --- requests of several sequences that cannot run together ---------------------------------
+
+
+def finishes_or_is_refused(engine: LLMEngine, params: SamplingParams, steps: int = 300) -> None:
+    """Add a request of several sequences: it must be refused or finish. A request that can
+    never be scheduled must not wait forever."""
+    try:
+        engine.add_request("many", [5] * 10, params)
+    except InvalidRequestError:
+        assert_idle(engine)
+        return
+    for _ in range(steps):
+        engine.step()
+        if not engine.has_unfinished_requests():
+            break
+    waiting = [(g.request_id, len(g.seqs)) for g in engine.scheduler.waiting]
+    running = [(g.request_id, len(g.seqs)) for g in engine.scheduler.running]
+    assert not engine.has_unfinished_requests(), (
+        f"stuck after {steps} steps: waiting={waiting} running={running}"
+    )
+    assert_idle(engine)
+
+
+def small_engine(tiny_llama: Path, **kwargs) -> LLMEngine:
+    kwargs.setdefault("kv_cache_memory", KV_CACHE_MEMORY)
+    return LLMEngine(EngineConfig(model=str(tiny_llama), max_model_len=MAX_MODEL_LEN, **kwargs))
+
+
+SAMPLES = SamplingParams(n=4, temperature=1.0, max_tokens=40, ignore_eos=True)
+BEAMS = SamplingParams(n=4, use_beam_search=True, temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def test_more_samples_than_max_num_seqs_are_refused_or_served(tiny_llama: Path) -> None:
+    # Engine bug: the four samples never get four seats, so the request waits forever.
+    finishes_or_is_refused(small_engine(tiny_llama, max_num_seqs=2), SAMPLES)
+
+
+def test_more_samples_than_max_num_batched_tokens_are_refused_or_served(
+    tiny_llama: Path,
+) -> None:
+    # Engine bug: the four samples must step together, which takes four tokens of a budget of
+    # two, so after the fan-out the request never runs again.
+    finishes_or_is_refused(small_engine(tiny_llama, max_num_batched_tokens=2), SAMPLES)
+
+
+@pytest.mark.parametrize("params", [SAMPLES, BEAMS], ids=["samples", "beams"])
+def test_samples_that_outgrow_the_kv_cache_together_are_refused_or_served(
+    tiny_llama: Path, params: SamplingParams
+) -> None:
+    # Engine bug: four sequences of up to 50 tokens need up to 16 blocks of a cache of 4. They
+    # preempt themselves, are recomputed, preempt themselves again, forever.
+    engine = small_engine(tiny_llama, kv_cache_memory=block_bytes(tiny_llama) * 4)
+    finishes_or_is_refused(engine, params)
 
 
 # --- bad models and configurations ----------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Tests for engine/sampler.py: greedy, temperature, top-k, top-p, min-p, seeds, banned tokens."""
+"""Tests for engine/sampler.py: greedy, temperature, top-k, top-p, min-p, seeds, banned tokens,
+log-probabilities and fan-out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedserve.engine.sampler import SamplingTensors, _filter, sample
+from pagedserve.engine.sampler import Sample, SamplingTensors, _filter, apply_penalties, sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
 NEG_INF = -float("inf")
+PLAIN = SamplingParams()  # the parameters of a hand-built row's sequence: no penalties
 
 
 def tensors(
@@ -33,7 +35,13 @@ def tensors(
         min_p=col(min_p, torch.float32),
         banned=banned if banned is not None else [[] for _ in range(rows)],
         generators=generators if generators is not None else [None] * rows,
+        seqs=[Sequence("r", None, [1], PLAIN) for _ in range(rows)],
+        num_logprobs=0,
     )
+
+
+def token_ids(samples: list[Sample]) -> torch.Tensor:
+    return torch.tensor([s.token for s in samples], dtype=torch.long)
 
 
 def logits_from_probs(probs: list[float]) -> torch.Tensor:
@@ -55,7 +63,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_greedy_rows_take_the_argmax() -> None:
     torch.manual_seed(0)
     logits = torch.randn(64, 100)
-    out = sample(logits.clone(), tensors(64, temperature=0.0))
+    out = token_ids(sample(logits.clone(), tensors(64, temperature=0.0)))
     assert torch.equal(out, logits.argmax(dim=-1))
 
 
@@ -63,14 +71,16 @@ def test_greedy_rows_take_the_argmax_in_a_batch_with_random_rows() -> None:
     torch.manual_seed(0)
     logits = torch.randn(32, 50)
     temperature = [0.0 if i % 2 == 0 else 1.0 for i in range(32)]
-    out = sample(logits.clone(), tensors(32, temperature=temperature, top_p=0.9, top_k=5))
+    out = token_ids(
+        sample(logits.clone(), tensors(32, temperature=temperature, top_p=0.9, top_k=5))
+    )
     assert torch.equal(out[::2], logits[::2].argmax(dim=-1))
 
 
 def test_top_k_one_equals_greedy() -> None:
     torch.manual_seed(1)
     logits = torch.randn(256, 40)
-    out = sample(logits.clone(), tensors(256, temperature=1.5, top_k=1))
+    out = token_ids(sample(logits.clone(), tensors(256, temperature=1.5, top_k=1)))
     assert torch.equal(out, logits.argmax(dim=-1))
 
 
@@ -137,7 +147,7 @@ def test_top_p_sampling_never_draws_a_masked_token() -> None:
     probs = [0.15, 0.5, 0.05, 0.3]
     rows = 4000
     logits = logits_from_probs(probs).repeat(rows, 1)
-    out = sample(logits, tensors(rows, top_p=0.75))
+    out = token_ids(sample(logits, tensors(rows, top_p=0.75)))
     counts = torch.bincount(out, minlength=4)
     assert counts[0] == counts[2] == 0
     # The kept tokens keep their relative weights: 0.5 : 0.3 renormalised.
@@ -152,7 +162,7 @@ def test_sampled_distribution_matches_softmax_over_temperature(temperature: floa
     torch.manual_seed(4)
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
     rows = 20000
-    out = sample(logits.repeat(rows, 1), tensors(rows, temperature=temperature))
+    out = token_ids(sample(logits.repeat(rows, 1), tensors(rows, temperature=temperature)))
     counts = torch.bincount(out, minlength=5).float()
     expected = (logits / temperature).softmax(dim=-1)
     # 4 degrees of freedom: P(chi2 > 25) is about 5e-5.
@@ -163,7 +173,8 @@ def test_seeded_rows_sample_from_the_same_distribution() -> None:
     logits = torch.tensor([0.5, -1.0, 1.5, 0.0, 0.3])
     rows = 20000
     gen = torch.Generator().manual_seed(11)
-    out = sample(logits.repeat(rows, 1), tensors(rows, temperature=0.8, generators=[gen] * rows))
+    t = tensors(rows, temperature=0.8, generators=[gen] * rows)
+    out = token_ids(sample(logits.repeat(rows, 1), t))
     counts = torch.bincount(out, minlength=5).float()
     assert chi_square(counts, (logits / 0.8).softmax(dim=-1)) < 25.0
 
@@ -171,7 +182,7 @@ def test_seeded_rows_sample_from_the_same_distribution() -> None:
 def draws(seed: int, logits: torch.Tensor, steps: int = 40) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        int(sample(logits.clone(), tensors(1, temperature=1.0, generators=[gen]))[0])
+        sample(logits.clone(), tensors(1, temperature=1.0, generators=[gen]))[0].token
         for _ in range(steps)
     ]
 
@@ -197,7 +208,7 @@ def test_seeded_row_is_independent_of_its_batch_neighbours() -> None:
         logits.clone(),
         tensors(3, generators=[None, torch.Generator().manual_seed(7), None]),
     )
-    assert batched[1] == alone[0]
+    assert batched[1].token == alone[0].token
 
 
 # --- banned tokens --------------------------------------------------------------------------
@@ -208,7 +219,7 @@ def test_banned_tokens_are_never_sampled() -> None:
     rows = 2000
     logits = torch.tensor([8.0, 1.0, 0.5, 7.0]).repeat(rows, 1)
     temperature = [0.0 if i % 4 == 0 else 1.5 for i in range(rows)]
-    out = sample(logits, tensors(rows, temperature=temperature, banned=[[0, 3]] * rows))
+    out = token_ids(sample(logits, tensors(rows, temperature=temperature, banned=[[0, 3]] * rows)))
     assert not bool(((out == 0) | (out == 3)).any())
     assert set(out.tolist()) == {1, 2}
 
@@ -235,7 +246,7 @@ def test_min_tokens_keeps_a_dominant_eos_from_being_sampled() -> None:
     seq = seq_with_outputs(SamplingParams(temperature=0.0, min_tokens=1), 0)
     t = SamplingTensors.from_seqs([seq], eos_token_ids=[2], device="cpu")
     logits = torch.tensor([[0.0, 1.0, 50.0, 2.0]])
-    assert int(sample(logits, t)[0]) == 3
+    assert sample(logits, t)[0].token == 3
 
 
 def test_sampling_tensors_carry_each_sequences_parameters() -> None:
@@ -248,12 +259,81 @@ def test_sampling_tensors_carry_each_sequences_parameters() -> None:
     assert t.top_k.tolist() == [0, 7]
     assert t.min_p.tolist() == pytest.approx([0.1, 0.0])
     assert t.generators == [None, b.generator]
+    assert t.seqs == [a, b]
+    assert t.num_logprobs == 0
 
 
 def test_sample_returns_one_token_per_row_in_the_vocabulary() -> None:
     torch.manual_seed(8)
     logits = torch.randn(16, 33)
     out = sample(logits, tensors(16, temperature=0.9, top_p=0.95, min_p=0.05))
-    assert out.shape == (16,)
-    assert out.dtype == torch.long
-    assert bool(((out >= 0) & (out < 33)).all())
+    assert len(out) == 16
+    assert all(isinstance(s.token, int) and 0 <= s.token < 33 for s in out)
+    assert all(s.top == {} for s in out), "no alternatives unless logprobs are asked for"
+
+
+# --- log-probabilities, fan-out, penalties --------------------------------------------------
+
+
+def test_samples_carry_the_logprob_of_their_token_and_the_top_alternatives() -> None:
+    torch.manual_seed(9)
+    greedy = seq_with_outputs(SamplingParams(temperature=0.0, logprobs=3), 0)
+    hot = seq_with_outputs(SamplingParams(temperature=0.5, logprobs=1), 0)
+    t = SamplingTensors.from_seqs([greedy, hot], eos_token_ids=[2], device="cpu")
+    assert t.num_logprobs == 3, "the most any row asks for"
+    logits = torch.randn(2, 12)
+    expected = torch.log_softmax(logits, dim=-1)  # before temperature
+    out = sample(logits.clone(), t)
+    assert out[0].token == int(logits[0].argmax())
+    for row, s in enumerate(out):
+        assert s.logprob == pytest.approx(float(expected[row, s.token]), abs=1e-5)
+        top = expected[row].topk(3)
+        assert list(s.top) == top.indices.tolist(), "the alternatives, most likely first"
+        assert list(s.top.values()) == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_beam_search_rows_ask_for_twice_the_beam_width_of_alternatives() -> None:
+    beam = seq_with_outputs(SamplingParams(temperature=0.0, use_beam_search=True, best_of=3), 0)
+    t = SamplingTensors.from_seqs([beam], eos_token_ids=[2], device="cpu")
+    assert t.num_logprobs == 6
+
+
+def test_a_prompt_that_fans_out_draws_one_sample_per_row_from_its_logits() -> None:
+    torch.manual_seed(10)
+    fan = seq_with_outputs(SamplingParams(temperature=1.0, best_of=3, n=3), 0)
+    single = seq_with_outputs(SamplingParams(temperature=0.0), 0)
+    t = SamplingTensors.from_seqs([fan, single], eos_token_ids=[2], device="cpu", samples=[3, 1])
+    assert t.seqs == [fan, fan, fan, single]
+    assert t.temperature.tolist() == [1.0, 1.0, 1.0, 0.0]
+    logits = torch.full((2, 8), NEG_INF)
+    logits[0, [4, 5]] = 0.0  # the fanned-out prompt can only draw 4 or 5
+    logits[1] = torch.arange(8.0)
+    out = sample(logits, t)
+    assert len(out) == 4
+    assert {s.token for s in out[:3]} <= {4, 5}
+    assert all(s.logprob == pytest.approx(-0.6931, abs=1e-4) for s in out[:3])
+    assert out[3].token == 7
+
+
+def test_penalties_and_logit_bias_follow_openai_and_transformers() -> None:
+    def row(**kwargs) -> Sequence:
+        seq = Sequence("r", None, [1, 2], SamplingParams(**kwargs))  # prompt: 1 and 2
+        seq.token_ids.extend([2, 3, 3])  # generated: 2 once, 3 twice
+        return seq
+
+    seqs = [
+        row(presence_penalty=0.5),
+        row(frequency_penalty=0.25),
+        row(repetition_penalty=2.0),
+        row(logit_bias={0: 10.0, 4: -1.5}),
+        row(),
+    ]
+    logits = torch.tensor([1.0, 4.0, -4.0, 6.0, 1.0]).repeat(len(seqs), 1)
+    out = apply_penalties(logits.clone(), seqs).tolist()
+    # Presence and frequency count generated tokens only; repetition divides the positive and
+    # multiplies the negative logits of every token seen, prompt included.
+    assert out[0] == pytest.approx([1.0, 4.0, -4.5, 5.5, 1.0])
+    assert out[1] == pytest.approx([1.0, 4.0, -4.25, 5.5, 1.0])
+    assert out[2] == pytest.approx([1.0, 2.0, -8.0, 3.0, 1.0])
+    assert out[3] == pytest.approx([11.0, 4.0, -4.0, 6.0, -0.5])
+    assert out[4] == logits[4].tolist(), "a row without penalties is left alone"

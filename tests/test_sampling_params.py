@@ -27,8 +27,26 @@ from pagedserve.engine.sampling_params import SamplingParams
         (dict(stop=["ok", 3]), r"stop must be a non-empty string"),
         (dict(stop_token_ids=[5, -1]), r"stop_token_ids must be a list of non-negative"),
         (dict(stop_token_ids=["5"]), r"stop_token_ids must be a list of non-negative"),
-        (dict(n=2), r"n must be 1 .*got 2"),
-        (dict(n=0), r"n must be 1 .*got 0"),
+        (dict(n=0), r"n must be at least 1, got 0"),
+        (dict(n=-1), r"n must be at least 1, got -1"),
+        (dict(best_of=0), r"best_of must be at least 1, got 0"),
+        (dict(n=3, best_of=2), r"n \(3\) must not exceed best_of \(2\)"),
+        (dict(logprobs=-1), r"logprobs must be in \[0, 20\], got -1"),
+        (dict(logprobs=21), r"logprobs must be in \[0, 20\], got 21"),
+        (dict(prompt_logprobs=21), r"prompt_logprobs must be in \[0, 20\], got 21"),
+        (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\], got 2\.5"),
+        (dict(frequency_penalty=-2.5), r"frequency_penalty must be in \[-2, 2\], got -2\.5"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be in \(0, 2\], got 0\.0"),
+        (dict(repetition_penalty=float("nan")), r"repetition_penalty must be in \(0, 2\]"),
+        (dict(logit_bias={5: 101.0}), r"logit_bias maps token ids"),
+        (dict(logit_bias={-1: 1.0}), r"logit_bias maps token ids"),
+        (dict(early_stopping="sometimes"), r"early_stopping must be True, False or 'never'"),
+        (dict(use_beam_search=True, best_of=2), r"beam search is deterministic"),
+        (dict(use_beam_search=True, temperature=0.0), r"beam width \(best_of\) of at least 2"),
+        (
+            dict(use_beam_search=True, temperature=0.0, best_of=2, top_k=5),
+            r"beam search takes no top_p, top_k or min_p",
+        ),
     ],
 )
 def test_bad_sampling_params_raise_value_error_naming_the_field(kwargs, message) -> None:
@@ -47,6 +65,36 @@ def test_nan_sampling_values_are_refused(field: str) -> None:
 def test_boundary_sampling_params_are_accepted() -> None:
     SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, min_tokens=1)
     SamplingParams(top_p=1e-6, min_p=0.0, max_tokens=None, min_tokens=1000)
+
+
+def test_parallel_sampling_counts() -> None:
+    # n > 1 is served: n sequences are returned out of best_of (n by default) generated.
+    assert (SamplingParams().n, SamplingParams().best_of) == (1, 1)
+    assert SamplingParams(n=3).best_of == 3
+    assert SamplingParams(n=2, best_of=5).best_of == 5
+    assert SamplingParams(n=1, best_of=4).best_of == 4
+    assert SamplingParams(n=4, best_of=4).n == 4
+
+
+def test_beam_search_params() -> None:
+    params = SamplingParams(n=2, use_beam_search=True, temperature=0.0)
+    assert params.beam_width == 2, "the beam width is best_of, n when best_of is not given"
+    params = SamplingParams(n=1, best_of=4, use_beam_search=True, temperature=0.0)
+    assert params.beam_width == 4
+    assert SamplingParams(best_of=4).beam_width == 1, "no beam search: one sequence per sample"
+    for early in (True, False, "never"):
+        SamplingParams(n=2, use_beam_search=True, temperature=0.0, early_stopping=early)
+
+
+def test_boundary_logprobs_and_penalties_are_accepted() -> None:
+    SamplingParams(logprobs=0, prompt_logprobs=0)
+    SamplingParams(logprobs=20, prompt_logprobs=20)
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=2.0)
+    params = SamplingParams(logit_bias={3: -100, 7: 100})
+    assert params.logit_bias == {3: -100.0, 7: 100.0}
+    assert params.needs_penalties
+    assert not SamplingParams().needs_penalties
+    assert SamplingParams().logit_bias == {}
 
 
 def test_top_k_minus_one_means_off_and_is_stored_as_zero() -> None:
