@@ -17,11 +17,23 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,13 +94,172 @@ ARCHS: dict[str, ArchSpec] = {
             ),
         },
     ),
+    # The other families get a tiny preset each (odd-ish widths, GQA where the family has it)
+    # and, where a family has layouts that take different code paths, a tiny preset for each.
+    "mistral": ArchSpec(
+        config_cls=MistralConfig,
+        model_cls=MistralForCausalLM,
+        presets={
+            # head_dim 24 != hidden / heads (as Mistral-Nemo), and a sliding window shorter
+            # than the test prompts, so the window is exercised.
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=152,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=24,
+                sliding_window=24,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+                initializer_range=0.2,
+            ),
+        },
+    ),
+    "qwen2": ArchSpec(
+        config_cls=Qwen2Config,
+        model_cls=Qwen2ForCausalLM,
+        presets={
+            "tiny": dict(
+                hidden_size=72,
+                intermediate_size=168,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                max_position_embeddings=1024,
+                tie_word_embeddings=True,
+                initializer_range=0.2,
+            ),
+            # Qwen2's per-layer window: layer 0 attends to everything, layer 1 to 16 tokens.
+            "tiny-sliding": dict(
+                hidden_size=72,
+                intermediate_size=168,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                use_sliding_window=True,
+                sliding_window=16,
+                max_window_layers=1,
+                max_position_embeddings=1024,
+                tie_word_embeddings=True,
+                initializer_range=0.2,
+            ),
+        },
+    ),
+    "gpt_neox": ArchSpec(
+        config_cls=GPTNeoXConfig,
+        model_cls=GPTNeoXForCausalLM,
+        presets={
+            # Pythia's layout: parallel residual, a quarter of each head rotated.
+            "tiny": dict(
+                hidden_size=96,
+                intermediate_size=200,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                rotary_pct=0.25,
+                use_parallel_residual=True,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+                initializer_range=0.2,
+            ),
+            "tiny-sequential": dict(
+                hidden_size=80,
+                intermediate_size=176,
+                num_hidden_layers=2,
+                num_attention_heads=5,
+                rotary_pct=0.5,
+                use_parallel_residual=False,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+                initializer_range=0.2,
+            ),
+        },
+    ),
+    "stablelm": ArchSpec(
+        config_cls=StableLmConfig,
+        model_cls=StableLmForCausalLM,
+        presets={
+            # StableLM 2 1.6B's layout: sequential residual, q/k/v bias, a quarter rotated.
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=152,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                partial_rotary_factor=0.25,
+                use_qkv_bias=True,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+                initializer_range=0.2,
+            ),
+            # StableLM 2 12B's: parallel residual with one norm, per-head q/k LayerNorm.
+            "tiny-parallel": dict(
+                hidden_size=64,
+                intermediate_size=152,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                partial_rotary_factor=0.5,
+                use_qkv_bias=False,
+                use_parallel_residual=True,
+                qk_layernorm=True,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+                initializer_range=0.2,
+            ),
+        },
+    ),
+    "gpt2": ArchSpec(
+        config_cls=GPT2Config,
+        model_cls=GPT2LMHeadModel,
+        presets={
+            "tiny": dict(
+                n_embd=72,
+                n_inner=200,
+                n_layer=2,
+                n_head=3,
+                n_positions=512,
+                tie_word_embeddings=True,
+                initializer_range=0.2,
+            ),
+        },
+    ),
+    "opt": ArchSpec(
+        config_cls=OPTConfig,
+        model_cls=OPTForCausalLM,
+        presets={
+            # OPT-125m's layout: pre-norm, tied embeddings.
+            "tiny": dict(
+                hidden_size=80,
+                ffn_dim=176,
+                num_hidden_layers=2,
+                num_attention_heads=5,
+                max_position_embeddings=512,
+                do_layer_norm_before=True,
+                tie_word_embeddings=True,
+                init_std=0.2,
+            ),
+            # OPT-350m's: post-norm, word embeddings narrower than hidden (project_in/out).
+            "tiny-post-norm": dict(
+                hidden_size=80,
+                ffn_dim=176,
+                num_hidden_layers=2,
+                num_attention_heads=5,
+                word_embed_proj_dim=48,
+                max_position_embeddings=512,
+                do_layer_norm_before=False,
+                tie_word_embeddings=True,
+                init_std=0.2,
+            ),
+        },
+    ),
 }
 
 
 def _spec(arch: str, preset: str) -> tuple[ArchSpec, dict[str, Any]]:
     spec = ARCHS.get(arch)
     if spec is None:
-        raise ValueError(f"unknown arch {arch!r}; supported archs: {', '.join(sorted(ARCHS))}")
+        raise ValueError(f"unknown arch {arch!r}; supported archs: {', '.join(ARCHS)}")
     kwargs = spec.presets.get(preset)
     if kwargs is None:
         raise ValueError(

@@ -38,7 +38,12 @@ class MergedLinear(nn.Linear):
         if bias:
             self.bias.weight_loader = self._load_shard
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard: str) -> None:
+    def _load_shard(
+        self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard: str | None = None
+    ) -> None:
+        if shard is None:  # a checkpoint that stores the projections already merged (GPT-2)
+            default_weight_loader(param, loaded, name)
+            return
         start, size = self.offsets[shard]
         default_weight_loader(param.data.narrow(0, start, size), loaded, name)
 
@@ -61,6 +66,35 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with RMSNorm's calling convention: `norm(x, residual)` adds the residual
+    first and returns (normed, new residual)."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return super().forward(x)
+        x = x + residual
+        return super().forward(x), x
+
+
+class PerHeadLayerNorm(nn.Module):
+    """A LayerNorm of its own for each head of q or k (StableLM 2's qk_layernorm), weights
+    stored per head as `norms.{i}.weight`."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(head_dim, eps=eps, bias=False) for _ in range(num_heads)
+        )
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, heads, head_dim]
+        weight = torch.stack([norm.weight for norm in self.norms])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight
 
 
 def rope_inv_freq(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
@@ -118,20 +152,76 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
-class PagedAttention(nn.Module):
-    """Writes this step's keys/values into the layer's paged cache, then attends over it."""
+_ACTIVATIONS = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,  # exact, erf-based
+    # The tanh approximation, under each name the Hugging Face configs use for it.
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+}
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+
+def activation(name: str) -> nn.Module:
+    """The activation a Hugging Face config names in `hidden_act` / `activation_function`."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
+        )
+    return _ACTIVATIONS[name]()
+
+
+class ActAndMul(nn.Module):
+    """Gated MLP activation over a merged [gate, up] projection: act(gate) * up."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
+class LearnedPositionEmbedding(nn.Embedding):
+    """Absolute position embeddings (GPT-2, OPT). OPT's table starts `offset` = 2 rows in."""
+
+    def __init__(self, max_positions: int, dim: int, offset: int = 0):
+        super().__init__(max_positions + offset, dim)
+        self.offset = offset
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return super().forward(positions + self.offset if self.offset else positions)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys/values into the layer's paged cache, then attends over it.
+
+    `sliding_window` (Mistral, Qwen2): each query sees only the last `sliding_window` tokens,
+    itself included; None attends to the whole context."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
         kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
         return kernels.paged_attention(
             q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
-            batch.query_start_loc, self.scale,
+            batch.query_start_loc, self.scale, **window,
         )  # fmt: skip

@@ -81,14 +81,29 @@ def _gguf_file(path: Path) -> Path | None:
     return None
 
 
+# Where configs give the longest sequence their positions support (vLLM reads the same keys).
+_LENGTH_KEYS = (
+    "max_position_embeddings",  # most; GPT-2's n_positions answers to this name too
+    "n_positions",
+    "max_sequence_length",
+    "max_seq_len",
+    "seq_length",
+    "n_ctx",
+)
+
+
 def _max_model_len(config: EngineConfig, hf_config) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(
-        hf_config, "n_positions", None
-    )
-    if limit is None:
-        raise ValueError("the model config gives no maximum length; pass --max-model-len")
+    """The config's length unless a shorter one is asked for; a longer one is refused (rotary
+    tables and learned position embeddings end there)."""
+    limits = [getattr(hf_config, key, None) for key in _LENGTH_KEYS]
+    limits = [v for v in limits if isinstance(v, int) and v > 0]
+    if not limits:
+        if config.max_model_len is None:
+            raise ValueError("the model config gives no maximum length; pass --max-model-len")
+        return config.max_model_len
+    limit = min(limits)
     if config.max_model_len is None:
-        return int(limit)
+        return limit
     if config.max_model_len > limit:
         raise ValueError(
             f"max_model_len {config.max_model_len} exceeds the model's positions ({limit}); "

@@ -1,7 +1,16 @@
-"""Reading checkpoints (safetensors or .bin, sharded or not) into the engine's own layers."""
+"""Reading checkpoints (safetensors or .bin, sharded or not) into the engine's own layers.
+
+A model maps checkpoint names onto its parameters through optional hooks, all of them on the
+model (engine/models/decoder.py defines them): `normalize_checkpoint_name` (older spellings),
+`checkpoint_renames` (checkpoint name part -> parameter name part, in order),
+`packed_modules` (checkpoint projection -> merged parameter and shard) and
+`convert_checkpoint_tensor` (layouts that differ, such as GPT-2's transposed Conv1D).
+Errors name tensors as the checkpoint spells them.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,71 +23,171 @@ from pagedserve.engine.layers import default_weight_loader
 
 logger = logging.getLogger(__name__)
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise ValueError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+    """The weight files to read: safetensors before .bin; with an index JSON, exactly the
+    shards it lists (other files in the folder, such as Mistral's consolidated.safetensors,
+    are not read)."""
+    for index, pattern in ((SAFETENSORS_INDEX, "*.safetensors"), (BIN_INDEX, "pytorch_model*.bin")):
+        if (folder / index).is_file():
+            return _indexed_files(folder / index)
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise ValueError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a checkpoint index (no valid weight_map): {e}") from e
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ValueError(f"{index.name} lists shard files missing from {index.parent}: {absent}")
     return files
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) pairs one at a time, memory-mapped where the format allows."""
+    """Yield (name, tensor) pairs one at a time, memory-mapped where the format allows, with
+    a progress bar over the tensors."""
+    files = checkpoint_files(folder)
+    with tqdm(total=None, desc="loading weights", unit="tensor", leave=False) as bar:
+        for path in files:
+            bar.set_postfix_str(path.name)
+            if path.suffix == ".safetensors":
+                yield from _iter_safetensors(path, bar)
+            else:
+                yield from _iter_bin(path, bar)
+
+
+def _iter_safetensors(path: Path, bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    for path in tqdm(checkpoint_files(folder), desc="loading weights", unit="file", leave=False):
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield name, f.get_tensor(name)
-        else:
-            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"cannot read weights file {path}: {e}") from e
+    with f:
+        names = list(f.keys())
+        bar.total = (bar.total or 0) + len(names)
+        bar.refresh()
+        for name in names:
+            yield name, f.get_tensor(name)
+            bar.update()
+
+
+def _iter_bin(path: Path, bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from before torch 1.6's zip format cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read weights file {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    bar.total = (bar.total or 0) + len(state)
+    bar.refresh()
+    for name, tensor in state.items():
+        yield name, tensor
+        bar.update()
+
+
+class CheckpointNames:
+    """A model's map between checkpoint names and (parameter name, shard), both ways."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.renames: tuple[tuple[str, str], ...] = getattr(model, "checkpoint_renames", ())
+        self.packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+
+    def normalize(self, name: str) -> str:
+        hook = getattr(self.model, "normalize_checkpoint_name", None)
+        return hook(name) if hook else name
+
+    def to_param(self, name: str) -> tuple[str, str | None]:
+        """A (normalized) checkpoint name -> (parameter name, shard or None)."""
+        for old, new in self.renames:
+            name = name.replace(old, new)
+        for part, (merged, shard) in self.packed.items():
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{merged}."), shard
+        return name, None
+
+    def to_checkpoint(self, param: str, shard: str | None) -> str:
+        """The checkpoint name that fills (param, shard): how errors name a missing tensor."""
+        name = param
+        if shard is not None:
+            for part, (merged, s) in self.packed.items():
+                if s == shard and f".{merged}." in name:
+                    name = name.replace(f".{merged}.", f".{part}.")
+                    break
+        for old, new in reversed(self.renames):
+            name = name.replace(new, old)
+        return name
+
+    def expected(self) -> Iterator[tuple[str, str | None]]:
+        """Every (parameter, shard) a checkpoint must fill; tied parameters appear once."""
+        shards_of: dict[str, list[str]] = {}
+        for merged, shard in self.packed.values():
+            shards_of.setdefault(merged, []).append(shard)
+        for name, _ in self.model.named_parameters():  # deduplicates tied parameters
+            merged = next((m for m in shards_of if f".{m}." in name), None)
+            if merged is None:
+                yield name, None
+            else:
+                for shard in shards_of[merged]:
+                    yield name, shard
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model`, merging packed projections; every parameter must
-    be filled exactly once, and a missing or mis-shaped tensor is named in the error."""
+    """Copy checkpoint tensors into `model`, merging packed projections. Every parameter must
+    be filled exactly once; a missing, repeated or mis-shaped tensor is named in the error."""
+    names = CheckpointNames(model)
     params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules", {})
-    loaded: set[str] = set()
-    for name, tensor in weights:
-        if "rotary_emb.inv_freq" in name:
+    tied = getattr(model, "tie_word_embeddings", False)
+    convert = getattr(model, "convert_checkpoint_tensor", None)
+    loaded: dict[tuple[str, str | None], str] = {}
+    ignored: list[str] = []
+    for ckpt_name, tensor in weights:
+        name = names.normalize(ckpt_name)
+        target, shard = names.to_param(name)
+        if "rotary_emb.inv_freq" in name or (tied and target == "lm_head.weight"):
             continue
-        if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
-            continue
-        target, shard = name, None
-        for part, (merged, shard_id) in packed.items():
-            if f".{part}." in name:
-                target, shard = name.replace(f".{part}.", f".{merged}."), shard_id
-                break
         param = params.get(target)
         if param is None:
-            logger.debug("ignoring checkpoint tensor %s", name)
+            ignored.append(ckpt_name)
             continue
-        loader = getattr(param, "weight_loader", None)
-        if shard is not None:
-            loader(param, tensor, name, shard)
+        if (target, shard) in loaded:
+            raise ValueError(
+                f"checkpoint tensors {loaded[target, shard]!r} and {ckpt_name!r} both fill "
+                f"parameter {target}" + (f" ({shard})" if shard else "")
+            )
+        if convert is not None:
+            try:
+                tensor = convert(name, tensor)
+            except RuntimeError as e:  # a view or transpose that the tensor's shape refuses
+                raise ValueError(
+                    f"tensor {ckpt_name!r} of shape {tuple(tensor.shape)} cannot be converted "
+                    f"for parameter {target}: {e}"
+                ) from e
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard is None:
+            loader(param, tensor, ckpt_name)
         else:
-            default_weight_loader(param, tensor, name)
-        loaded.add(f"{target}:{shard}")
-    expected = {f"{n}:{s}" for n, s in _expected_entries(model, packed)}
-    missing = sorted(e.split(":")[0] for e in expected - loaded)
+            loader(param, tensor, ckpt_name, shard)
+        loaded[target, shard] = ckpt_name
+    missing = [names.to_checkpoint(p, s) for p, s in names.expected() if (p, s) not in loaded]
     if missing:
-        raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing[:8])}")
-
-
-def _expected_entries(model: nn.Module, packed: dict) -> Iterator[tuple[str, str | None]]:
-    shards_of: dict[str, list[str]] = {}
-    for merged, shard in packed.values():
-        shards_of.setdefault(merged, []).append(shard)
-    seen = set()
-    for name, param in model.named_parameters():  # tied parameters appear once
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        merged = next((m for m in shards_of if f".{m}." in name), None)
-        if merged is None:
-            yield name, None
-        else:
-            for shard in shards_of[merged]:
-                yield name, shard
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:8])}{more}")
+    if ignored:
+        logger.info(
+            "ignored %d checkpoint tensors the model has no parameter for: %s",
+            len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""),
+        )  # fmt: skip
