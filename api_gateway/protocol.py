@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -72,6 +72,7 @@ class StreamOptions(OpenAIModel):
 
 
 Stop = str | list[str] | None
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class SamplingFields(OpenAIModel):
@@ -98,6 +99,8 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    best_of: int | None = Field(default=None, ge=1)
+    use_beam_search: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -126,11 +129,10 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -160,6 +162,7 @@ class CompletionResponse(OpenAIModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
 
@@ -176,6 +179,7 @@ class CompletionStreamResponse(OpenAIModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionResponseStreamChoice]
     usage: UsageInfo | None = None
 
@@ -269,6 +273,7 @@ class ChatCompletionResponse(OpenAIModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
 
@@ -290,5 +295,6 @@ class ChatCompletionStreamResponse(OpenAIModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None

@@ -12,6 +12,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Fetch and list ready-made models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+arena_app = typer.Typer(help="Export and import the arena's votes.", no_args_is_help=True)
+app.add_typer(arena_app, name="arena")
 
 
 @app.callback()
@@ -20,6 +22,8 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # one line per HTTP call drowns what matters
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command("make-model")
@@ -40,11 +44,17 @@ def make_model(
 
 
 @app.command()
-def demo() -> None:
-    """Run the main job: the built-in demo model through the engine."""
+def demo(
+    wait: bool = typer.Option(True, help="Keep serving until Ctrl-C (--no-wait: check and stop)."),
+) -> None:
+    """Run the main job: controller, workers, gateway and arena with the demo models."""
     from pagedserve.deploy.demo import run_demo
 
-    run_demo()
+    try:
+        run_demo(wait=wait)
+    except (RuntimeError, TimeoutError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 @models_app.command("fetch")
@@ -155,6 +165,9 @@ def worker(
     max_num_seqs: int = typer.Option(256, help="Most sequences in one step."),
     max_num_batched_tokens: int | None = typer.Option(None, help="Most tokens in one step."),
     tensor_parallel_size: int = typer.Option(1, help="Ranks to shard the model over."),
+    ray_address: str | None = typer.Option(
+        None, help="With --tensor-parallel-size > 1: join this Ray cluster [default: a local Ray]."
+    ),
     seed: int = typer.Option(0, help="Engine seed."),
 ) -> None:
     """Run a model worker: one engine behind FastChat's worker API and OpenAI's API."""
@@ -169,6 +182,7 @@ def worker(
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": max_num_batched_tokens,
         "tensor_parallel_size": tensor_parallel_size,
+        "ray_address": ray_address,
         "seed": seed,
     }
     try:
@@ -186,6 +200,215 @@ def worker(
             drain_timeout=drain_timeout,
             engine=engine,
         )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    serve(config)
+
+
+@app.command()
+def ui(
+    gateway_url: str = typer.Option(
+        "http://127.0.0.1:8000", help="The OpenAI-compatible gateway the arena talks to."
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="PAGEDSERVE_API_KEY", help="API key for the gateway (or $PAGEDSERVE_API_KEY)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(7860, help="Port to bind."),
+    db: Path = typer.Option(Path("arena.db"), help="SQLite file for votes and conversation logs."),
+    redis_url: str | None = typer.Option(
+        None, help="Keep votes and logs in Redis (redis://HOST:PORT/DB) instead of SQLite."
+    ),
+    redis_prefix: str = typer.Option("pagedserve:arena", help="Prefix of the Redis keys."),
+    model_weights: str | None = typer.Option(
+        None, help="Battle sampling weights, name=w,...; unnamed models weigh 1, 0 leaves one out."
+    ),
+    model_descriptions: str | None = typer.Option(
+        None, help="What each model is, shown after a vote: 'name=text;name=text'."
+    ),
+    models: str | None = typer.Option(
+        None, help="Comma-separated models to offer [default: the gateway's /v1/models]."
+    ),
+    temperature: float = typer.Option(0.7, help="Sampling temperature of arena answers."),
+    top_p: float = typer.Option(1.0, help="Top-p of arena answers."),
+    max_tokens: int = typer.Option(256, help="Most new tokens of an arena answer."),
+    max_prompt_chars: int = typer.Option(4000, help="Longest prompt accepted, in characters."),
+    max_turns: int = typer.Option(10, help="Most turns in one round."),
+    request_timeout: float = typer.Option(120.0, help="Seconds one answer may take."),
+    bootstrap_rounds: int = typer.Option(100, help="Bootstrap resamples for the intervals."),
+    bt_prior_sd: float = typer.Option(
+        400.0, help="Bradley-Terry prior s.d. in rating points (0: pure maximum likelihood)."
+    ),
+    concurrency: int = typer.Option(16, help="Streams served at once, all sessions together."),
+    seed: int | None = typer.Option(None, help="Seed of the battle draws (tests)."),
+) -> None:
+    """Run the Chatbot Arena web UI (Gradio), a client of the gateway's OpenAI API."""
+    from pagedserve.web_ui.config import ArenaConfig, parse_descriptions, parse_weights
+    from pagedserve.web_ui.storage import StoreError
+
+    try:
+        config = ArenaConfig(
+            gateway_url=gateway_url,
+            api_key=api_key,
+            host=host,
+            port=port,
+            db_path=str(db),
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            model_weights=parse_weights(model_weights),
+            model_descriptions=parse_descriptions(model_descriptions),
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else [],
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            max_prompt_chars=max_prompt_chars,
+            max_turns=max_turns,
+            request_timeout=request_timeout,
+            bootstrap_rounds=bootstrap_rounds,
+            bt_prior_sd=bt_prior_sd,
+            concurrency=concurrency,
+            seed=seed,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    try:
+        from pagedserve.web_ui.app import serve
+    except ImportError as e:  # gradio and matplotlib come with the `ui` extra
+        typer.echo(f"Error: {e}; install them with pip install 'pagedserve[ui]'", err=True)
+        raise typer.Exit(1) from e
+    try:
+        serve(config)
+    except StoreError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+def _arena_store(db: Path, redis_url: str | None, redis_prefix: str):
+    from pagedserve.web_ui.storage import StoreError, open_store
+
+    try:
+        return open_store(db, redis_url, redis_prefix)
+    except StoreError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+@arena_app.command("export")
+def arena_export(
+    out: Path = typer.Option(..., help="JSONL file to write (FastChat's battle-log format)."),
+    db: Path = typer.Option(Path("arena.db"), help="The arena's SQLite file."),
+    redis_url: str | None = typer.Option(None, help="Read from Redis instead of SQLite."),
+    redis_prefix: str = typer.Option("pagedserve:arena", help="Prefix of the Redis keys."),
+    rated_only: bool = typer.Option(
+        False, help="Only the votes the leaderboard counts (anonymous, no identity leaked)."
+    ),
+) -> None:
+    """Write the stored votes as FastChat battle-log lines."""
+    from pagedserve.web_ui.battle_log import export_jsonl
+
+    store = _arena_store(db, redis_url, redis_prefix)
+    try:
+        battles = store.rated_votes() if rated_only else store.votes()
+        with open(out, "w", encoding="utf-8") as f:
+            n = export_jsonl(battles, f)
+    finally:
+        store.close()
+    typer.echo(f"wrote {n} battles to {out}")
+
+
+@arena_app.command("import")
+def arena_import(
+    path: Path = typer.Argument(..., help="A FastChat battle log: JSON lines or a JSON array."),
+    db: Path = typer.Option(Path("arena.db"), help="The arena's SQLite file."),
+    redis_url: str | None = typer.Option(None, help="Write to Redis instead of SQLite."),
+    redis_prefix: str = typer.Option("pagedserve:arena", help="Prefix of the Redis keys."),
+) -> None:
+    """Add the battles of a FastChat battle log to the store (each battle once)."""
+    from pagedserve.web_ui.battle_log import read_jsonl
+
+    try:
+        battles = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        typer.echo(f"Error: {path}: {e}; nothing was imported", err=True)
+        raise typer.Exit(1) from e
+    store = _arena_store(db, redis_url, redis_prefix)
+    try:
+        added = store.add_votes(battles)
+    finally:
+        store.close()
+    typer.echo(f"imported {added} battles ({len(battles) - added} already stored)")
+
+
+@app.command()
+def gateway(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    controller_address: str = typer.Option("http://127.0.0.1:21001", help="The controller's URL."),
+    api_keys: str | None = typer.Option(
+        None,
+        envvar="PAGEDSERVE_API_KEYS",
+        help="JSON-lines key file (key, name, models, rpm, tpm, max_concurrent); off if unset.",
+    ),
+    redis_url: str | None = typer.Option(
+        None, help="Keep per-key rate limits in Redis (redis://HOST:PORT/DB), shared by replicas."
+    ),
+    redis_prefix: str = typer.Option("pagedserve:gateway", help="Prefix of the Redis keys."),
+    public_metrics: bool = typer.Option(False, help="Serve /metrics without an API key."),
+    max_concurrent_requests: int = typer.Option(
+        256, help="Requests in flight at once; beyond it 503 at once."
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 beyond)."),
+    max_prompt_tokens: int | None = typer.Option(None, help="Most prompt tokens per prompt."),
+    max_tokens_limit: int | None = typer.Option(
+        None, help="Most max_tokens per choice (and the bound of chats that set none)."
+    ),
+    max_n: int = typer.Option(16, help="Most choices (n) per request."),
+    connect_timeout: float = typer.Option(5.0, help="Seconds to connect to a worker."),
+    first_token_timeout: float = typer.Option(
+        60.0, help="Seconds from sending a request to the worker's first streamed byte."
+    ),
+    total_timeout: float = typer.Option(600.0, help="Seconds one request may take in all."),
+    max_retries: int = typer.Option(
+        2, help="Other workers tried when one fails before the first byte."
+    ),
+    breaker_threshold: int = typer.Option(
+        3, help="Failures in a row after which a worker is skipped for a while."
+    ),
+    breaker_cooldown: float = typer.Option(10.0, help="Seconds a failing worker is skipped."),
+    routing_refresh_interval: float = typer.Option(
+        2.0, help="Seconds between fetches of the controller's worker list."
+    ),
+) -> None:
+    """Run the OpenAI-compatible API gateway in front of every model the controller knows."""
+    from pagedserve.api_gateway.config import GatewayConfig
+    from pagedserve.api_gateway.server import serve
+
+    try:
+        config = GatewayConfig(
+            host=host,
+            port=port,
+            controller_address=controller_address,
+            api_keys_file=api_keys,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            public_metrics=public_metrics,
+            max_concurrent_requests=max_concurrent_requests,
+            max_body_bytes=max_body_bytes,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_limit=max_tokens_limit,
+            max_n=max_n,
+            connect_timeout=connect_timeout,
+            first_token_timeout=first_token_timeout,
+            total_timeout=total_timeout,
+            max_retries=max_retries,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            routing_refresh_interval=routing_refresh_interval,
+        )
+        if api_keys:
+            from pagedserve.api_gateway.auth import KeyRing
+
+            KeyRing.load(api_keys)  # refuse a bad key file before starting
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     serve(config)

@@ -187,6 +187,17 @@ def worker_process(
     return ServerProcess("worker", argv, port, log_dir, ready_path="/ready")
 
 
+def gateway_process(
+    log_dir: Path, controller_url: str, port: int | None = None, **options: Any
+) -> ServerProcess:
+    """`pagedserve gateway` in front of a controller, flags from keyword arguments."""
+    port = port or free_port()
+    argv = cli(
+        "gateway", "--port", str(port), "--controller-address", controller_url, *_flags(options)
+    )
+    return ServerProcess("gateway", argv, port, log_dir, ready_path="/health")
+
+
 def stub_worker_process(
     log_dir: Path, controller_url: str | None, port: int | None = None, **options: Any
 ) -> ServerProcess:
@@ -364,6 +375,66 @@ def _stub_worker_main(argv: list[str]) -> None:
     @app.post("/worker_get_status")
     async def get_status() -> dict[str, Any]:
         return status()
+
+    # OpenAI's routes, with faults on demand (POST /_control): `openai_status` (answer that
+    # status with an OpenAI error body), `first_byte_delay` (seconds before the answer),
+    # `break_after` (end a stream abruptly after that many events). `openai_requests` counts
+    # the requests, `last_request_id` keeps the last X-Request-Id header.
+    state.update(openai_status=200, first_byte_delay=0.0, break_after=None, openai_requests=0)
+    state["last_request_id"] = None
+
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/completions")
+    async def openai_route(request: Request) -> Any:
+        body = await request.json()
+        state["openai_requests"] += 1
+        state["last_request_id"] = request.headers.get("x-request-id")
+        await asyncio.sleep(state["first_byte_delay"])
+        if state["openai_status"] != 200:
+            error = {"message": "stub fault", "type": "stub", "param": None, "code": None}
+            return JSONResponse({"error": error}, status_code=state["openai_status"])
+        chat = request.url.path.endswith("chat/completions")
+        words = args.reply.split(" ")
+        usage = {
+            "prompt_tokens": 1,
+            "completion_tokens": len(words),
+            "total_tokens": 1 + len(words),
+        }
+        base = {"id": "stub-1", "created": 1, "model": body.get("model")}
+        if not body.get("stream"):
+            text = " ".join(words)
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}}
+                if chat
+                else {"index": 0, "text": text}
+            )
+            kind = "chat.completion" if chat else "text_completion"
+            return {
+                **base,
+                "object": kind,
+                "usage": usage,
+                "choices": [{**choice, "finish_reason": "stop"}],
+            }
+
+        def event(i: int, word: str | None) -> bytes:
+            done = word is None
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if done else None}
+            if chat:
+                choice["delta"] = {} if done else {"content": word}
+            else:
+                choice["text"] = "" if done else word
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            return f"data: {json.dumps({**base, 'object': kind, 'choices': [choice]})}\n\n".encode()
+
+        async def events():
+            for i, word in enumerate([*words, None]):
+                if state["break_after"] is not None and i >= state["break_after"]:
+                    raise RuntimeError("stub worker dies mid-stream")
+                await asyncio.sleep(args.token_delay)
+                yield event(i, word)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> StreamingResponse:

@@ -8,6 +8,7 @@ prompt and per choice), start (bad input fails here, before any byte), then stre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -66,6 +67,9 @@ class OpenAIServing:
         self.engine = engine
         self.requests = requests
         self.model_names = model_names
+        # OpenAI's system_fingerprint: which backend configuration produced an answer.
+        config = f"pagedserve:{model_names[0]}:{engine.max_model_len}"
+        self.fingerprint = "fp_" + hashlib.sha256(config.encode()).hexdigest()[:10]
 
     def models(self) -> ModelList:
         root = self.model_names[0]
@@ -83,10 +87,6 @@ class OpenAIServing:
         if req.logprobs:
             raise RequestError(
                 400, "logprobs are not supported by pagedserve's engine yet", param="logprobs"
-            )
-        if req.best_of not in (None, 1):
-            raise RequestError(
-                400, "best_of > 1 is not supported by pagedserve's engine yet", param="best_of"
             )
         if req.suffix:
             raise RequestError(400, "suffix is not supported", param="suffix")
@@ -107,7 +107,11 @@ class OpenAIServing:
             for job, out in zip(jobs, outputs, strict=True)
         ]
         return CompletionResponse(
-            id=request_id, model=req.model, choices=choices, usage=self._usage(jobs, outputs)
+            id=request_id,
+            model=req.model,
+            system_fingerprint=self.fingerprint,
+            choices=choices,
+            usage=self._usage(jobs, outputs),
         )
 
     async def _stream_completion(
@@ -128,6 +132,7 @@ class OpenAIServing:
                 object="text_completion",
                 created=created,
                 model=req.model,
+                system_fingerprint=self.fingerprint,
                 choices=choices,
             )
             if include_usage:
@@ -187,7 +192,11 @@ class OpenAIServing:
             for job, out in zip(jobs, outputs, strict=True)
         ]
         return ChatCompletionResponse(
-            id=request_id, model=req.model, choices=choices, usage=self._usage(jobs, outputs)
+            id=request_id,
+            model=req.model,
+            system_fingerprint=self.fingerprint,
+            choices=choices,
+            usage=self._usage(jobs, outputs),
         )
 
     async def _stream_chat(
@@ -208,6 +217,7 @@ class OpenAIServing:
                 object="chat.completion.chunk",
                 created=created,
                 model=req.model,
+                system_fingerprint=self.fingerprint,
                 choices=choices,
             )
             if include_usage:
@@ -284,6 +294,16 @@ class OpenAIServing:
         if req.logit_bias:
             raise RequestError(
                 400, "logit_bias is not supported by pagedserve's engine yet", param="logit_bias"
+            )
+        if req.best_of not in (None, 1):
+            raise RequestError(
+                400, "best_of > 1 is not supported by pagedserve's engine yet", param="best_of"
+            )
+        if req.use_beam_search:
+            raise RequestError(
+                400,
+                "use_beam_search is not supported by pagedserve's engine yet",
+                param="use_beam_search",
             )
 
     def _sampling_params(self, req: SamplingFields, max_tokens: int | None, choice: int) -> Any:

@@ -1,0 +1,161 @@
+"""Fail-over: send a request to one of its model's workers, and to another if that one fails
+before the first byte (at most `max_retries` more, within the retry budget and the total
+timeout). 4xx answers end it at once and count as the worker being healthy; failures feed the
+worker's circuit breaker, which keeps a failing worker out of rotation for a while."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from pagedserve.api_gateway.circuit_breaker import CircuitBreakers
+from pagedserve.api_gateway.errors import GatewayError
+from pagedserve.api_gateway.metrics import GatewayMetrics
+from pagedserve.api_gateway.retry_budget import RetryBudget
+from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.upstream import (
+    Answer,
+    OpenStream,
+    Refusal,
+    UpstreamFailure,
+    send_once,
+)
+from pagedserve.controller.protocol import WorkerView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Forwarded:
+    worker: WorkerView
+    outcome: Answer | OpenStream | Refusal
+    retries: int
+
+
+class Forwarder:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        table: RoutingTable,
+        policy: LeastOutstanding,
+        breakers: CircuitBreakers,
+        budget: RetryBudget,
+        metrics: GatewayMetrics,
+        max_retries: int,
+        first_token_timeout: float,
+    ) -> None:
+        self.client = client
+        self.table = table
+        self.policy = policy
+        self.breakers = breakers
+        self.budget = budget
+        self.metrics = metrics
+        self.max_retries = max_retries
+        self.first_token_timeout = first_token_timeout
+
+    async def forward(
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        stream: bool,
+        deadline: float,
+    ) -> Forwarded:
+        """The first worker's answer that is not a failure. An OpenStream holds the worker in
+        the policy's count until `done(worker)` is called."""
+        tried: set[str] = set()
+        failure: UpstreamFailure | None = None
+        self.budget.record_request()
+        for attempt in range(1 + self.max_retries):
+            if attempt and (time.monotonic() >= deadline or not self.budget.try_spend()):
+                break
+            worker = self._pick(model, tried)
+            if worker is None:
+                break
+            if failure is not None:
+                self.metrics.retries.labels(model, failure.reason).inc()
+            tried.add(worker.worker_id)
+            breaker = self.breakers[worker.worker_id]
+            breaker.begin()
+            self.policy.begin(worker.worker_id)
+            first_byte = min(deadline, time.monotonic() + self.first_token_timeout)
+            try:
+                outcome = await send_once(
+                    self.client,
+                    worker.worker_name + path,
+                    body,
+                    headers,
+                    stream=stream,
+                    first_byte_deadline=first_byte,
+                    deadline=deadline,
+                )
+            except UpstreamFailure as e:
+                self.policy.end(worker.worker_id)
+                failure = e
+                self._failed(worker, e)
+                if e.reason == "connect":
+                    await self.table.refresh_soon()
+                continue
+            except BaseException:  # cancelled (client gone): no verdict on the worker
+                self.policy.end(worker.worker_id)
+                breaker.cancel()
+                raise
+            breaker.success()
+            if not isinstance(outcome, OpenStream):
+                self.policy.end(worker.worker_id)
+            return Forwarded(worker, outcome, attempt)
+        raise self._exhausted(model, failure)
+
+    def done(self, worker: WorkerView) -> None:
+        self.policy.end(worker.worker_id)
+
+    def _pick(self, model: str, tried: set[str]) -> WorkerView | None:
+        candidates = [
+            w
+            for w in self.table.workers(model)
+            if w.worker_id not in tried and self.breakers[w.worker_id].available()
+        ]
+        return self.policy.select(candidates) if candidates else None
+
+    def _failed(self, worker: WorkerView, e: UpstreamFailure) -> None:
+        self.metrics.worker_failures.labels(e.reason).inc()
+        logger.warning("worker %s failed: %s", worker.worker_name, e.message)
+        if self.breakers[worker.worker_id].failure():
+            logger.warning(
+                "circuit opened for worker %s: skipped for %.0fs",
+                worker.worker_name,
+                self.breakers.cooldown,
+            )
+
+    def _exhausted(self, model: str, failure: UpstreamFailure | None) -> GatewayError:
+        if failure is None:
+            waits = [self.breakers[w.worker_id].retry_in() for w in self.table.workers(model)]
+            return GatewayError(
+                503,
+                f"No worker of model {model!r} is available right now; please retry shortly.",
+                type="server_error",
+                code="no_worker_available",
+                retry_after=max(1.0, min(waits, default=1.0)),
+            )
+        if failure.reason == "timeout":
+            return GatewayError(
+                504, f"The model {model!r} timed out: {failure.message}.", type="timeout"
+            )
+        if failure.status == 503:
+            return GatewayError(
+                503,
+                f"The model {model!r} is unavailable: {failure.message}",
+                type="server_error",
+                code="worker_unavailable",
+                retry_after=1,
+            )
+        return GatewayError(
+            502,
+            f"The model {model!r} failed: {failure.message}",
+            type="server_error",
+            code="upstream_error",
+        )

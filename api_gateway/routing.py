@@ -1,0 +1,165 @@
+"""Where a model's requests go: the controller's view of workers, cached, and a policy that
+picks one of a model's workers.
+
+The view (GET {controller}/workers) is fetched every `refresh_interval` seconds in the
+background, and at once (at most every `min_refresh_gap` s, one fetch shared by all waiting
+requests) when a request names a model the view lacks or a worker fails. Only pagedserve
+workers that accept requests are routed to: they serve OpenAI's /v1 routes themselves. If the
+controller cannot be reached the last view is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from pagedserve.api_gateway.protocol import ModelCard
+from pagedserve.controller.protocol import WorkersResponse, WorkerView
+
+logger = logging.getLogger(__name__)
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        controller_url: str,
+        refresh_interval: float,
+        timeout: float,
+        min_refresh_gap: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.controller_url = controller_url
+        self.refresh_interval = refresh_interval
+        self.timeout = timeout
+        self.min_refresh_gap = min_refresh_gap
+        self.clock = clock
+        self.controller_ok = False
+        self.on_change: Callable[[set[str]], None] | None = None  # worker ids now in the view
+        self._by_model: dict[str, list[WorkerView]] = {}
+        self._fingerprint: tuple = ()
+        self._refreshed_at = float("-inf")
+        self._inflight: asyncio.Task[None] | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    # -- reading the view --------------------------------------------------------------------
+
+    def workers(self, model: str) -> list[WorkerView]:
+        return self._by_model.get(model, [])
+
+    def model_names(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def models(self) -> list[ModelCard]:
+        cards = []
+        for name in self.model_names():
+            workers = self._by_model[name]
+            lengths = [w.context_length for w in workers if w.context_length]
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=int(min(w.registered_at for w in workers)),
+                    owned_by="pagedserve",
+                    root=name,
+                    max_model_len=min(lengths) if lengths else None,
+                )
+            )
+        return cards
+
+    # -- keeping it fresh --------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Fetch the controller's view now; on failure keep the last one."""
+        self._refreshed_at = self.clock()
+        try:
+            r = await self.client.get(self.controller_url + "/workers", timeout=self.timeout)
+            r.raise_for_status()
+            view = WorkersResponse.model_validate_json(r.content)
+        except (httpx.HTTPError, ValueError) as e:
+            if self.controller_ok:
+                logger.warning("controller unreachable (%s); keeping the last routing view", e)
+            self.controller_ok = False
+            return
+        self.controller_ok = True
+        self._install(view.workers)
+
+    def _install(self, workers: list[WorkerView]) -> None:
+        usable = [w for w in workers if w.kind == "pagedserve" and w.accepting]
+        by_model: dict[str, list[WorkerView]] = {}
+        for w in sorted(usable, key=lambda w: w.worker_id):
+            for name in w.model_names:
+                by_model.setdefault(name, []).append(w)
+        fingerprint = tuple(
+            (w.worker_id, w.worker_name, tuple(w.model_names), w.context_length) for w in usable
+        )
+        self._by_model = by_model
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            logger.info(
+                "routing view changed: %s",
+                {m: [w.worker_name for w in ws] for m, ws in by_model.items()} or "no workers",
+            )
+            if self.on_change is not None:
+                self.on_change({w.worker_id for w in usable})
+
+    async def refresh_soon(self) -> None:
+        """Refresh unless one ran within `min_refresh_gap` s; concurrent callers share one."""
+        if self._inflight is None:
+            if self.clock() - self._refreshed_at < self.min_refresh_gap:
+                return
+            self._inflight = asyncio.ensure_future(self.refresh())
+            self._inflight.add_done_callback(lambda _: setattr(self, "_inflight", None))
+        await asyncio.shield(self._inflight)
+
+    async def _run(self) -> None:
+        while True:
+            if self.clock() - self._refreshed_at >= self.refresh_interval * 0.5:
+                await self.refresh()
+            await asyncio.sleep(self.refresh_interval)
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="routing-refresh")
+
+    async def stop(self) -> None:
+        for task in (self._loop, self._inflight):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+class LeastOutstanding:
+    """Pick the worker with the fewest requests this gateway has in flight on it, then the
+    fewest waiting by the controller's last report; ties go round-robin."""
+
+    def __init__(self) -> None:
+        self.outstanding: Counter[str] = Counter()
+        self._turn = 0
+
+    def select(self, workers: Sequence[WorkerView]) -> WorkerView:
+        self._turn += 1
+        n = len(workers)
+        best = min(
+            range(n),
+            key=lambda i: (
+                self.outstanding[workers[i].worker_id],
+                workers[i].waiting,
+                (i - self._turn) % n,
+            ),
+        )
+        return workers[best]
+
+    def begin(self, worker_id: str) -> None:
+        self.outstanding[worker_id] += 1
+
+    def end(self, worker_id: str) -> None:
+        self.outstanding[worker_id] -= 1
+        if self.outstanding[worker_id] <= 0:
+            del self.outstanding[worker_id]

@@ -1,0 +1,351 @@
+"""OpenAI's /v1/chat/completions and /v1/completions through the gateway.
+
+Each request goes through the same steps: take a concurrency slot; validate (body size, JSON,
+types and ranges with the protocol models the workers use, the gateway's own limits); route
+(the model's workers; a key may only see its models); admit (prompt-token limit, the key's
+RPM and TPM); forward (fail-over before the first byte); then stream or answer, and format.
+The body goes to the worker as the client sent it, so parameters the gateway does not know
+reach the worker, which decides what it can do. Whatever happens, the slot is freed and the
+key's token use settled when the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from pagedserve.api_gateway.concurrency import ConcurrencyLimiter, Slot
+from pagedserve.api_gateway.config import GatewayConfig
+from pagedserve.api_gateway.errors import GatewayError, invalid_body
+from pagedserve.api_gateway.forwarding import Forwarded, Forwarder
+from pagedserve.api_gateway.metrics import GatewayMetrics
+from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.api_gateway.rate_limit import Admission, KeyRateLimits
+from pagedserve.api_gateway.request_context import REQUEST_ID_HEADER, RequestContext
+from pagedserve.api_gateway.routing import RoutingTable
+from pagedserve.api_gateway.streaming import RelayResponse, SSERelay
+from pagedserve.api_gateway.upstream import Answer, OpenStream, Refusal
+from pagedserve.controller.protocol import WorkerView
+
+T = TypeVar("T")
+
+# Tokens a chat template adds around each message, at most (role markers, separators).
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    model: type[ChatCompletionRequest] | type[CompletionRequest]
+    prompt_param: str
+
+
+CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "messages")
+COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "prompt")
+
+
+class Lease:
+    """What a request holds until its response ends: a concurrency slot, the key's token
+    charge, a stream's worker. `close` is idempotent."""
+
+    def __init__(self, serving: GatewayServing, ctx: RequestContext, slot: Slot) -> None:
+        self.serving = serving
+        self.ctx = ctx
+        self.slot = slot
+        self.admission: Admission | None = None
+        self.forwarded: Forwarded | None = None
+        self.relay: SSERelay | None = None
+        self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.forwarded is not None and isinstance(self.forwarded.outcome, OpenStream):
+                await self.forwarded.outcome.aclose()
+                self.serving.forwarder.done(self.forwarded.worker)
+            if self.relay is not None:
+                self.serving.record_stream(self.ctx, self.relay)
+            if self.admission is not None:
+                used = (self.ctx.prompt_tokens or 0) + (self.ctx.completion_tokens or 0)
+                await self.serving.limits.settle(self.admission, used)
+        finally:
+            self.slot.release()
+
+
+class GatewayServing:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        client: httpx.AsyncClient,
+        table: RoutingTable,
+        forwarder: Forwarder,
+        limits: KeyRateLimits,
+        concurrency: ConcurrencyLimiter,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.table = table
+        self.forwarder = forwarder
+        self.limits = limits
+        self.concurrency = concurrency
+        self.metrics = metrics
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, COMPLETIONS)
+
+    async def _serve(self, request: Request, endpoint: Endpoint) -> Response:
+        ctx: RequestContext = request.state.ctx
+        try:
+            slot = self.concurrency.acquire(ctx.key)
+        except GatewayError as e:
+            self.metrics.rate_limited.labels(
+                "total_concurrency" if e.status == 503 else "key_concurrency"
+            ).inc()
+            raise
+        lease = Lease(self, ctx, slot)
+        handed_over = False
+        try:
+            raw = await self._read_body(request)
+            req, body = self._validate(endpoint, raw)
+            ctx.stream = req.stream
+            workers = await self._route(req.model, ctx)
+            prompt_tokens = await self._prompt_tokens(endpoint, req, workers[0])
+            lease.admission = await self.limits.admit(ctx.key, prompt_tokens)
+            ctx.prompt_tokens = prompt_tokens  # replaced by the worker's count when known
+            deadline = ctx.started + self.config.total_timeout
+            headers = {"content-type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
+            forward = self.forwarder.forward(
+                req.model, endpoint.path, body, headers, req.stream, deadline
+            )
+            lease.forwarded = forwarded = await until_disconnected(request, forward, _close)
+            ctx.worker, ctx.retries = forwarded.worker.worker_name, forwarded.retries
+            response = self._format(endpoint, forwarded, ctx, lease, deadline)
+            handed_over = isinstance(response, RelayResponse)  # it closes the lease at its end
+            return response
+        finally:
+            if not handed_over:
+                await lease.close()
+
+    # -- validate ---------------------------------------------------------------------------
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        too_large = GatewayError(
+            413,
+            f"The request body is larger than this gateway's limit of {limit} bytes.",
+            code="request_too_large",
+        )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _validate(
+        self, endpoint: Endpoint, raw: bytes
+    ) -> tuple[ChatCompletionRequest | CompletionRequest, bytes]:
+        """The parsed request (strict types, as OpenAI's API) and the body to forward."""
+        try:
+            req = endpoint.model.model_validate_json(raw, strict=True)
+        except ValidationError as e:
+            raise invalid_body(e) from None
+        if req.n > self.config.max_n:
+            raise GatewayError(
+                400, f"n must be at most {self.config.max_n} on this gateway.", param="n"
+            )
+        limit = self.config.max_tokens_limit
+        if limit is None:
+            return req, raw
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, name, None)
+            if value is not None and value > limit:
+                raise GatewayError(
+                    400,
+                    f"{name} is too large: {value}. This gateway allows at most {limit} "
+                    "completion tokens per choice.",
+                    param=name,
+                )
+        if isinstance(req, ChatCompletionRequest) and req.output_limit is None:
+            # Unbounded answers would run to the model's context: bound them to the limit.
+            body = json.loads(raw)
+            body["max_tokens"] = limit
+            return req, json.dumps(body).encode()
+        return req, raw
+
+    # -- route ------------------------------------------------------------------------------
+
+    async def _route(self, model: str, ctx: RequestContext) -> list[WorkerView]:
+        workers = self.table.workers(model)
+        if not workers:
+            await self.table.refresh_soon()
+            workers = self.table.workers(model)
+        if not workers or (ctx.key is not None and not ctx.key.allows(model)):
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        ctx.model = model
+        return workers
+
+    # -- admit ------------------------------------------------------------------------------
+
+    async def _prompt_tokens(
+        self,
+        endpoint: Endpoint,
+        req: ChatCompletionRequest | CompletionRequest,
+        worker: WorkerView,
+    ) -> int:
+        """The prompt's tokens, all prompts together: exact for token ids, estimated for text
+        (about 4 bytes a token, OpenAI's rule of thumb). With --max-prompt-tokens, a text that
+        may exceed it (more bytes than the limit) is counted exactly by a worker first."""
+        limit = self.config.max_prompt_tokens
+        total = 0
+        for prompt, overhead in _prompts(req):
+            if isinstance(prompt, list):
+                tokens = len(prompt)
+            else:
+                size = len(prompt.encode())
+                tokens = math.ceil(size / 4) + overhead
+                if limit is not None and size + overhead > limit:
+                    tokens = await self._count(worker, req.model, prompt, tokens) + overhead
+            if limit is not None and tokens > limit:
+                raise GatewayError(
+                    400,
+                    f"The prompt has {tokens} tokens, more than this gateway's limit of {limit}.",
+                    param=endpoint.prompt_param,
+                    code="prompt_too_long",
+                )
+            total += tokens
+        return total
+
+    async def _count(self, worker: WorkerView, model: str, text: str, fallback: int) -> int:
+        try:
+            r = await self.client.post(
+                worker.worker_name + "/count_token",
+                json={"model": model, "prompt": text},
+                timeout=self.config.first_token_timeout,
+            )
+            return int(r.json()["count"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return fallback
+
+    # -- format -----------------------------------------------------------------------------
+
+    def _format(
+        self,
+        endpoint: Endpoint,
+        forwarded: Forwarded,
+        ctx: RequestContext,
+        lease: Lease,
+        deadline: float,
+    ) -> Response:
+        outcome = forwarded.outcome
+        if isinstance(outcome, OpenStream):
+            ctx.ttft = time.monotonic() - ctx.started
+            self.metrics.ttft.labels(endpoint.path, ctx.model or "-").observe(ctx.ttft)
+            lease.relay = SSERelay(outcome, deadline)
+            return RelayResponse(lease.relay, lease.close, headers={"Cache-Control": "no-cache"})
+        if isinstance(outcome, Refusal):
+            ctx.prompt_tokens, ctx.error = 0, f"worker answered {outcome.status}"
+            return Response(
+                outcome.body, status_code=outcome.status, media_type=outcome.content_type
+            )
+        self._record_usage(ctx, outcome)
+        return Response(outcome.body, media_type="application/json")
+
+    def _record_usage(self, ctx: RequestContext, answer: Answer) -> None:
+        try:
+            usage = json.loads(answer.body)["usage"]
+            ctx.prompt_tokens = int(usage["prompt_tokens"])
+            ctx.completion_tokens = int(usage["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        self._count_tokens(ctx)
+
+    def record_stream(self, ctx: RequestContext, relay: SSERelay) -> None:
+        if relay.usage is not None:
+            ctx.prompt_tokens = relay.usage.get("prompt_tokens", ctx.prompt_tokens)
+            ctx.completion_tokens = relay.usage.get("completion_tokens")
+        else:  # no usage asked for: about one token per content event
+            ctx.completion_tokens = max(0, relay.events - 1)
+        if not relay.done and relay.error is None:
+            relay.error = "client_closed"  # the client left before the end
+        ctx.error = ctx.error or relay.error
+        self._count_tokens(ctx)
+
+    def _count_tokens(self, ctx: RequestContext) -> None:
+        model = ctx.model or "-"
+        self.metrics.prompt_tokens.labels(model).inc(ctx.prompt_tokens or 0)
+        self.metrics.completion_tokens.labels(model).inc(ctx.completion_tokens or 0)
+
+
+def _prompts(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[Any, int]]:
+    """Each prompt of a request with the template tokens it may add: chat is one prompt."""
+    if isinstance(req, ChatCompletionRequest):
+        text = "\n".join(f"{m.role}\n{m.text()}" for m in req.messages)
+        return [(text, _TEMPLATE_TOKENS_PER_MESSAGE * len(req.messages))]
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [(prompt, 0)]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [(prompt, 0)]
+    return [(p, 0) for p in prompt]
+
+
+async def _close(result: Forwarded) -> None:
+    if isinstance(result.outcome, OpenStream):
+        await result.outcome.aclose()
+
+
+async def until_disconnected(
+    request: Request, work: Awaitable[T], discard: Callable[[T], Awaitable[None]]
+) -> T:
+    """Run `work` unless the client goes away first (then it is cancelled, which closes the
+    connection to the worker, which aborts the request there). A result that arrives anyway
+    is handed to `discard`."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    abandoned = True
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        abandoned = not task.done()
+    finally:
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await gone
+        if abandoned:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await discard(await task)
+    if abandoned:
+        raise GatewayError(499, "The client closed the connection.", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,489 @@
+"""The gateway's small parts, each alone: circuit breaker, retry budget, rate limiters (memory
+and Redis), concurrency limits, key file, routing view and policy, request parsing, errors and
+the SSE relay. No model, no server processes except redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import RedisServer, free_port, redis_or_skip
+
+from pagedserve.api_gateway.auth import ApiKey, KeyRing
+from pagedserve.api_gateway.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from pagedserve.api_gateway.concurrency import ConcurrencyLimiter
+from pagedserve.api_gateway.config import GatewayConfig
+from pagedserve.api_gateway.errors import GatewayError
+from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.api_gateway.rate_limit import InMemoryRateLimiter, KeyRateLimits, RedisRateLimiter
+from pagedserve.api_gateway.retry_budget import RetryBudget
+from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.serving import CHAT, COMPLETIONS, GatewayServing
+from pagedserve.api_gateway.streaming import DONE, SSERelay
+from pagedserve.api_gateway.upstream import OpenStream
+from pagedserve.controller.protocol import WorkerView
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- circuit breaker ---------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_threshold_failures_in_a_row_and_success_resets_the_count() -> None:
+    clock = Clock()
+    b = CircuitBreaker(threshold=3, cooldown=10, clock=clock)
+    b.failure(), b.failure()
+    b.success()  # the count starts again
+    assert not b.failure() and not b.failure()
+    assert b.failure() is True  # third in a row opens it
+    assert b.state == OPEN and not b.available() and b.retry_in() == 10
+
+
+def test_breaker_lets_one_trial_through_after_cooldown_and_closes_on_its_success() -> None:
+    clock = Clock()
+    b = CircuitBreaker(threshold=1, cooldown=5, clock=clock)
+    b.failure()
+    clock.now += 4.9
+    assert not b.available()
+    clock.now += 0.2
+    assert b.available()
+    b.begin()
+    assert b.state == HALF_OPEN and not b.available()  # one trial at a time
+    b.success()
+    assert b.state == CLOSED and b.available()
+
+
+def test_breaker_reopens_when_the_trial_fails_and_frees_the_trial_when_cancelled() -> None:
+    clock = Clock()
+    b = CircuitBreaker(threshold=2, cooldown=5, clock=clock)
+    b.failure(), b.failure()
+    clock.now += 6
+    b.begin()
+    b.cancel()  # client gone: no verdict, the next request may try
+    assert b.state == HALF_OPEN and b.available()
+    b.begin()
+    assert b.failure() is True  # one failed trial is enough
+    assert b.state == OPEN and not b.available()
+
+
+# -- retry budget ------------------------------------------------------------------------------
+
+
+def test_retry_budget_allows_a_ratio_of_recent_requests_plus_a_floor() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, min_per_second=0.1, window=10, clock=clock)  # floor: 1
+    for _ in range(20):
+        budget.record_request()
+    assert [budget.try_spend() for _ in range(6)] == [True] * 5 + [False]  # 0.2 * 20 + 1
+    clock.now += 10.5  # the window has passed: only the floor is left
+    assert budget.try_spend() is True and budget.try_spend() is False
+
+
+def test_retry_budget_with_no_ratio_and_no_floor_never_retries() -> None:
+    budget = RetryBudget(ratio=0.0, min_per_second=0.0)
+    budget.record_request()
+    assert budget.try_spend() is False
+
+
+# -- rate limiters -----------------------------------------------------------------------------
+
+
+def test_memory_bucket_refuses_past_the_limit_and_says_when_to_come_back() -> None:
+    clock = Clock()
+    limiter = InMemoryRateLimiter(clock)
+    assert run(limiter.take("k:rpm", 2, 1)) == 0 and run(limiter.take("k:rpm", 2, 1)) == 0
+    wait = run(limiter.take("k:rpm", 2, 1))
+    assert wait == pytest.approx(30.0)  # refills 2 per minute: one every 30 s
+    clock.now += 30
+    assert run(limiter.take("k:rpm", 2, 1)) == 0
+    assert run(limiter.take("other:rpm", 2, 1)) == 0  # buckets are separate
+
+
+def test_memory_bucket_takes_an_oversized_cost_from_a_full_bucket_into_debt() -> None:
+    clock = Clock()
+    limiter = InMemoryRateLimiter(clock)
+    assert run(limiter.take("k:tpm", 100, 250)) == 0  # a full bucket covers any one request
+    wait = run(limiter.take("k:tpm", 100, 1))
+    assert wait == pytest.approx((150 + 1) * 60 / 100)  # the debt is paid off first
+    run(limiter.charge("k:tpm", 100, -250))  # refunds fill up to the size, no further
+    assert run(limiter.take("k:tpm", 100, 100)) == 0
+
+
+def test_key_limits_refuse_with_429_and_retry_after_and_give_tokens_back() -> None:
+    clock = Clock()
+    limiter = InMemoryRateLimiter(clock)
+    refused: list[str] = []
+    limits = KeyRateLimits(limiter, refused.append)
+    key = ApiKey(name="alice", rpm=1, tpm=1000)
+
+    async def scenario() -> None:
+        first = await limits.admit(key, 100)
+        await limits.settle(first, 300)  # 100 charged, 300 used: 200 more
+        with pytest.raises(GatewayError) as e:
+            await limits.admit(key, 100)
+        assert e.value.status == 429 and e.value.type == "requests"
+        assert e.value.retry_after == pytest.approx(60)
+        assert e.value.response().headers["Retry-After"] == "60"
+        # the refused request's prompt tokens went back: 700 are left
+        assert await limiter.take("alice:tpm", 1000, 700) == 0
+
+    run(scenario())
+    assert refused == ["rpm"]
+    assert run(limits.admit(None, 10**9)).key is None  # no key, no limits
+
+
+def test_key_limits_refuse_tokens_per_minute() -> None:
+    limits = KeyRateLimits(InMemoryRateLimiter(Clock()), lambda _: None)
+    key = ApiKey(name="bob", tpm=100)
+
+    async def scenario() -> None:
+        await limits.settle(await limits.admit(key, 10), 150)  # 50 in debt
+        with pytest.raises(GatewayError) as e:
+            await limits.admit(key, 10)
+        assert e.value.status == 429 and e.value.type == "tokens"
+        assert e.value.retry_after == pytest.approx(60 * 60 / 100)
+
+    run(scenario())
+
+
+class _BrokenLimiter:
+    async def take(self, *a: object) -> float:
+        raise ConnectionError("redis down")
+
+    async def charge(self, *a: object) -> None:
+        raise ConnectionError("redis down")
+
+    async def close(self) -> None:
+        pass
+
+
+def test_key_limits_let_requests_through_when_the_store_fails() -> None:
+    limits = KeyRateLimits(_BrokenLimiter(), lambda _: None)
+    admission = run(limits.admit(ApiKey(name="x", rpm=1, tpm=1), 5))
+    run(limits.settle(admission, 50))  # logged, not raised
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_or_skip(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def test_redis_buckets_are_shared_between_limiters_and_expire(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        prefix = f"test{free_port()}"
+        a, b = (
+            RedisRateLimiter(redis_server.url, prefix),
+            RedisRateLimiter(redis_server.url, prefix),
+        )
+        try:
+            await a.ping()
+            assert await a.take("k:rpm", 3, 1) == 0
+            assert await b.take("k:rpm", 3, 1) == 0
+            assert await a.take("k:rpm", 3, 1) == 0
+            wait = await b.take("k:rpm", 3, 1)  # the fourth, whichever gateway asks
+            assert 19 < wait <= 20.1
+            await b.charge("k:rpm", 3, -1)
+            assert await a.take("k:rpm", 3, 1) == 0
+            import redis.asyncio as redis
+
+            client = redis.from_url(redis_server.url)
+            ttl = await client.pttl(f"{prefix}:bucket:k:rpm")
+            await client.aclose()
+            assert 60_000 < ttl <= 121_000
+        finally:
+            await a.close()
+            await b.close()
+
+    run(scenario())
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_concurrency_limits_in_total_and_per_key_refuse_at_once_and_free_on_release() -> None:
+    limiter = ConcurrencyLimiter(max_total=3)
+    key = ApiKey(name="k", max_concurrent=1)
+    slot = limiter.acquire(key)
+    with pytest.raises(GatewayError) as e:
+        limiter.acquire(key)
+    assert e.value.status == 429 and e.value.code == "concurrency_limit_exceeded"
+    others = [limiter.acquire(None), limiter.acquire(ApiKey(name="other"))]
+    with pytest.raises(GatewayError) as e:
+        limiter.acquire(None)
+    assert e.value.status == 503 and e.value.retry_after == 1
+    slot.release()
+    slot.release()  # idempotent
+    assert limiter.total == 2
+    limiter.acquire(key).release()
+    for s in others:
+        s.release()
+    assert limiter.total == 0
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def test_key_file_loads_keys_and_authenticates_bearer_headers(tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    path.write_text(
+        "# the team\n\n"
+        '{"key": "sk-alice-1", "name": "alice", "models": ["tiny"], "rpm": 5, "tpm": 100}\n'
+        '{"key": "sk-ops-2", "max_concurrent": 2}\n'
+    )
+    ring = KeyRing.load(path)
+    alice = ring.authenticate("Bearer sk-alice-1")
+    assert alice.name == "alice" and alice.rpm == 5 and alice.tpm == 100
+    assert alice.allows("tiny") and not alice.allows("other")
+    ops = ring.authenticate("bearer  sk-ops-2")
+    assert ops.name.startswith("key-") and ops.allows("anything") and ops.max_concurrent == 2
+    for header, code in [(None, "missing_api_key"), ("Bearer nope", "invalid_api_key"),
+                         ("Basic sk-alice-1", "invalid_api_key")]:  # fmt: skip
+        with pytest.raises(GatewayError) as e:
+            ring.authenticate(header)
+        assert e.value.status == 401 and e.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("not json", "not JSON"),
+        ('["a"]', "JSON object"),
+        ('{"name": "x"}', "key must be"),
+        ('{"key": "k", "rmp": 5}', "unknown fields"),
+        ('{"key": "k", "rpm": 0}', "rpm must be a positive integer"),
+        ('{"key": "k", "tpm": "lots"}', "tpm must be a positive integer"),
+        ('{"key": "k", "models": "tiny"}', "models must be a list"),
+        ('{"key": "k"}\n{"key": "k"}', "already listed"),
+        ('{"key": "a", "name": "n"}\n{"key": "b", "name": "n"}', "already used"),
+        ("# only a comment", "lists no keys"),
+    ],
+)
+def test_bad_key_files_are_refused_with_the_line_at_fault(
+    tmp_path: Path, line: str, says: str
+) -> None:
+    path = tmp_path / "keys.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=says):
+        KeyRing.load(path)
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("controller_address", "localhost:21001"),
+        ("port", 0),
+        ("redis_url", "localhost:6379"),
+        ("max_concurrent_requests", 0),
+        ("max_n", 17),
+        ("max_tokens_limit", 0),
+        ("total_timeout", 0),
+        ("max_retries", -1),
+        ("retry_budget_ratio", 1.5),
+    ],
+)
+def test_config_refuses_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        GatewayConfig(**{field: value})
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+def _worker(wid: str, models: list[str], **fields: object) -> dict:
+    return {"worker_name": f"http://127.0.0.1:1{wid}", "worker_id": wid, "model_names": models,
+            "registered_at": 100.0, **fields}  # fmt: skip
+
+
+def test_routing_view_keeps_ready_pagedserve_workers_and_survives_a_controller_outage() -> None:
+    view = {
+        "workers": [
+            _worker("1", ["a", "b"], context_length=256),
+            _worker("2", ["a"], context_length=128),
+            _worker("3", ["a"], state="draining"),
+            _worker("4", ["a"], ready=False),
+            _worker("5", ["c"], kind="fastchat"),
+        ]
+    }
+    calls = {"n": 0, "down": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["down"]:
+            return httpx.Response(503)
+        assert request.url.path == "/workers"
+        return httpx.Response(200, json=view)
+
+    async def scenario() -> None:
+        changed: list[set[str]] = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            table = RoutingTable(client, "http://ctl", refresh_interval=60, timeout=1)
+            table.on_change = changed.append
+            await table.refresh()
+            assert [w.worker_id for w in table.workers("a")] == ["1", "2"]
+            assert table.model_names() == ["a", "b"]
+            cards = {c.id: c for c in table.models()}
+            assert cards["a"].max_model_len == 128 and cards["a"].owned_by == "pagedserve"
+            await table.refresh()  # unchanged: no change reported
+            assert changed == [{"1", "2"}]
+            calls["down"] = True
+            await table.refresh()
+            assert not table.controller_ok and table.model_names() == ["a", "b"]
+            # at most one refresh in min_refresh_gap, however many requests ask at once
+            before = calls["n"]
+            await asyncio.gather(*(table.refresh_soon() for _ in range(5)))
+            assert calls["n"] == before
+
+    run(scenario())
+
+
+def test_least_outstanding_prefers_idle_workers_and_rotates_ties() -> None:
+    workers = [WorkerView.model_validate(_worker(w, ["m"])) for w in "12"]
+    policy = LeastOutstanding()
+    picks = [policy.select(workers).worker_id for _ in range(4)]
+    assert sorted(picks) == ["1", "1", "2", "2"]  # ties alternate
+    policy.begin("1")
+    assert {policy.select(workers).worker_id for _ in range(3)} == {"2"}
+    policy.end("1")
+    assert policy.outstanding == {}
+
+
+# -- parsing and limits of requests ------------------------------------------------------------
+
+
+def _serving(**config: object) -> GatewayServing:
+    return GatewayServing(GatewayConfig(**config), None, None, None, None, None, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (b"{", None, "could not parse the JSON"),
+        (b"[]", None, "must be a JSON object"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "1"}',
+         "temperature", "valid number"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+         "stream", "valid boolean"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}',
+         "max_tokens", "valid integer"),
+        (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}',
+         "messages[0].role", "Input should be"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}',
+         "messages[0].content", "valid string"),
+    ],
+)  # fmt: skip
+def test_bodies_with_bad_json_or_wrong_types_get_a_400_naming_the_field(
+    body: bytes, param: str | None, says: str
+) -> None:
+    with pytest.raises(GatewayError) as e:
+        _serving()._validate(CHAT, body)
+    assert e.value.status == 400 and e.value.param == param and says in e.value.message
+
+
+def test_unknown_fields_are_ignored_and_the_body_is_forwarded_untouched() -> None:
+    body = b'{"model": "m", "prompt": "x", "brand_new_openai_field": {"a": 1}, "logprobs": 2}'
+    req, forwarded = _serving()._validate(COMPLETIONS, body)
+    assert isinstance(req, CompletionRequest) and forwarded is body
+
+
+def test_gateway_limits_on_n_and_max_tokens_and_a_bound_for_open_ended_chats() -> None:
+    serving = _serving(max_n=2, max_tokens_limit=32)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for extra, param in [({"n": 3}, "n"), ({"max_tokens": 33}, "max_tokens"),
+                         ({"max_completion_tokens": 40}, "max_completion_tokens")]:  # fmt: skip
+        with pytest.raises(GatewayError) as e:
+            serving._validate(CHAT, json.dumps({**chat, **extra}).encode())
+        assert e.value.status == 400 and e.value.param == param
+    req, body = serving._validate(CHAT, json.dumps(chat).encode())
+    assert isinstance(req, ChatCompletionRequest) and json.loads(body)["max_tokens"] == 32
+    raw = json.dumps({**chat, "max_tokens": 5}).encode()
+    assert serving._validate(CHAT, raw)[1] is raw
+
+
+def test_prompt_tokens_are_counted_for_ids_and_estimated_for_text() -> None:
+    serving = _serving()
+    worker = WorkerView.model_validate(_worker("1", ["m"]))
+    ids = CompletionRequest(model="m", prompt=[[1, 2, 3], [4]])
+    text = CompletionRequest(model="m", prompt="x" * 40)
+    assert run(serving._prompt_tokens(COMPLETIONS, ids, worker)) == 4
+    assert run(serving._prompt_tokens(COMPLETIONS, text, worker)) == 10
+    limited = _serving(max_prompt_tokens=2)
+    with pytest.raises(GatewayError) as e:
+        run(limited._prompt_tokens(COMPLETIONS, ids, worker))
+    assert e.value.status == 400 and e.value.code == "prompt_too_long"
+
+
+# -- the SSE relay -----------------------------------------------------------------------------
+
+
+class _FakeResponse:
+    async def aclose(self) -> None:
+        pass
+
+
+def _relay(parts: list[bytes | Exception], deadline: float = float("inf")) -> SSERelay:
+    async def chunks() -> AsyncIterator[bytes]:
+        for p in parts[1:]:
+            if isinstance(p, Exception):
+                raise p
+            yield p
+
+    first = parts[0]
+    assert isinstance(first, bytes)
+    return SSERelay(OpenStream(_FakeResponse(), chunks(), first), deadline)  # type: ignore[arg-type]
+
+
+async def _drain(relay: SSERelay) -> bytes:
+    return b"".join([b async for b in relay])
+
+
+def test_relay_passes_events_through_whole_and_reads_the_usage_chunk() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    stream = [b'data: {"a": 1}\n\ndata: {"b"', b': 2}\n\n', f'data: {{"choices": [], "usage": {json.dumps(usage)}}}\n\n'.encode().replace(b'"usage": ', b'"usage":'), DONE]  # fmt: skip
+    relay = _relay(list(stream))
+    assert run(_drain(relay)) == b"".join(stream)
+    assert relay.done and relay.error is None and relay.usage == usage and relay.events == 4
+
+
+def test_relay_ends_a_broken_stream_with_an_error_event_and_done() -> None:
+    relay = _relay([b'data: {"a": 1}\n\ndata: {"half', httpx.RemoteProtocolError("peer closed")])
+    out = run(_drain(relay)).decode()
+    events = [e for e in out.split("\n\n") if e]
+    assert events[0] == 'data: {"a": 1}'  # the half event is never sent
+    assert json.loads(events[1][6:])["error"]["code"] == "upstream_error"
+    assert events[2] == "data: [DONE]" and "peer closed" in relay.error
+
+
+def test_relay_ends_at_the_total_deadline() -> None:
+    async def scenario() -> bytes:
+        async def slow() -> AsyncIterator[bytes]:
+            await asyncio.sleep(10)
+            yield b""
+
+        relay = SSERelay(
+            OpenStream(_FakeResponse(), slow(), b"data: {}\n\n"), time.monotonic() + 0.05
+        )  # type: ignore[arg-type]
+        out = await asyncio.wait_for(_drain(relay), 5)
+        assert relay.error == "timeout"
+        return out
+
+    out = run(scenario())
+    assert b'"code":"timeout"' in out and out.endswith(DONE)
