@@ -1,25 +1,96 @@
 """Attention and cache kernels behind one interface.
 
-The PyTorch reference runs anywhere and is the specification; faster backends (Triton on CUDA)
-plug in here. `PAGEDSERVE_ATTENTION_BACKEND=torch|triton` forces one.
+The PyTorch reference (`reference.py`) runs anywhere and is the specification; the Triton
+kernels (`triton/`) implement the same functions for GPUs. Each call picks a backend from the
+device of its tensors: Triton on CUDA when the `triton` package is installed, the reference
+elsewhere. `PAGEDSERVE_ATTENTION_BACKEND=torch|triton` forces one (Triton on CPU tensors then
+needs `TRITON_INTERPRET=1`, Triton's interpreter). Callers never learn which one ran.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from functools import cache
+from types import ModuleType
 
-from pagedserve.kernels.reference import copy_blocks, paged_attention, store_kv
+import torch
 
-BACKENDS = ("torch",)
+from pagedserve.kernels import reference
 
-
-def attention_backend() -> str:
-    backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "torch")
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"PAGEDSERVE_ATTENTION_BACKEND={backend!r} is not available; choose from {BACKENDS}"
-        )
-    return backend
+BACKENDS = ("torch", "triton")
+ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
 
 
-__all__ = ["attention_backend", "copy_blocks", "paged_attention", "store_kv"]
+@cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def attention_backend(device: torch.device | str | None = None) -> str:
+    """The backend that runs kernels on `device`'s tensors: the env override if set, else
+    "triton" on CUDA (when installed), else "torch"."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; choose from {BACKENDS}")
+        if forced == "triton" and not triton_installed():
+            raise ValueError(
+                f"{ENV_VAR}=triton, but the triton package is not installed "
+                "(pip install 'pagedserve[triton]')"
+            )
+        return forced
+    if device is not None and torch.device(device).type == "cuda" and triton_installed():
+        return "triton"
+    return "torch"
+
+
+def _impl(tensor: torch.Tensor) -> ModuleType:
+    if attention_backend(tensor.device) == "triton":
+        from pagedserve.kernels import triton as triton_kernels  # imported on first use only
+
+        return triton_kernels
+    return reference
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    _impl(k_cache).store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    return _impl(query).paged_attention(
+        query, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+        sliding_window=sliding_window,
+    )  # fmt: skip
+
+
+def copy_blocks(k_caches, v_caches, src, dst) -> None:
+    impl = _impl(k_caches[0]) if k_caches else reference
+    impl.copy_blocks(k_caches, v_caches, src, dst)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    return _impl(x).rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(positions, query, key, cos, sin, rotary_dim: int) -> None:
+    _impl(query).rotary_embedding(positions, query, key, cos, sin, rotary_dim)
+
+
+def silu_and_mul(x) -> torch.Tensor:
+    return _impl(x).silu_and_mul(x)
+
+
+__all__ = [
+    "BACKENDS",
+    "attention_backend",
+    "copy_blocks",
+    "paged_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kv",
+]

@@ -110,3 +110,49 @@ def copy_blocks(k_caches, v_caches, src: torch.Tensor, dst: torch.Tensor) -> Non
     for k_cache, v_cache in zip(k_caches, v_caches, strict=True):
         k_cache[dst] = k_cache[src]
         v_cache[dst] = v_cache[src]
+
+
+# --- the fused ops: what engine/layers.py computes, as functions the fused kernels match -----
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm, with the residual add fused in front: returns `normed` without a residual, and
+    `(normed, x + residual)` with one (engine/layers.py RMSNorm)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [T]
+    query: torch.Tensor,  # [T, num_heads, head_dim], rotated in place
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim], rotated in place
+    cos: torch.Tensor,  # [max_positions, rotary_dim]: both halves, as RotaryEmbedding caches
+    sin: torch.Tensor,
+    rotary_dim: int,
+) -> None:
+    """Neox-style rotary embedding of the first `rotary_dim` dims of each head, in place
+    (engine/layers.py RotaryEmbedding: same arithmetic, in the query's dtype)."""
+    cos = cos[positions].to(query.dtype)[:, None, :]
+    sin = sin[positions].to(query.dtype)[:, None, :]
+    for x in (query, key):
+        rot = x[..., :rotary_dim]
+        half = rotary_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        rot.copy_(rot * cos + rotated * sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up over a merged [..., 2 * d] projection (engine/layers.py SiluAndMul)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
