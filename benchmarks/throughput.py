@@ -34,7 +34,7 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
         EngineConfig(
             model=str(path), dtype=args.dtype, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
         )
     )  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
@@ -71,6 +71,7 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
         "mean_kv_waste": 1 - held_sum / slots_sum,
         "peak_blocks_used": peak_used,
         "steps": steps,
+        "ms_per_step": elapsed / max(steps, 1) * 1000,
         "preemptions": engine.stats().num_preemptions,
         "hf_config": engine.hf_config,
         "engine": engine,
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=None)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks to split pagedserve's model over (Ray; the baselines run unsplit)")  # fmt: skip
     ap.add_argument("--model", default=None,
                     help="a model folder or .gguf file, or 'smollm2' (else a random Llama)")  # fmt: skip
     ap.add_argument("--serial-prompts", type=int, default=None,
@@ -234,7 +237,8 @@ def main() -> None:
     print_table(rows, headers)
     print(f"pagedserve KV waste: mean {paged['mean_kv_waste']:.2%}, peak {paged['peak_kv_waste']:.2%} "
           f"(block size {args.block_size}), "
-          f"{paged['steps']} steps, {paged['preemptions']} preemptions")  # fmt: skip
+          f"{paged['steps']} steps ({paged['ms_per_step']:.1f} ms each, tensor_parallel_size "
+          f"{args.tensor_parallel_size}), {paged['preemptions']} preemptions")  # fmt: skip
     if "hf_batch" in results:
         print(
             f"transformers padded batch: contiguous cache waste {results['hf_batch']['kv_waste_at_end']:.2%}"
@@ -245,6 +249,7 @@ def main() -> None:
               f"{t['pagedserve_s'] * 1000:.0f} ms, transformers {t['hf_s'] * 1000:.0f} ms")  # fmt: skip
     results["workload"] = {k: v for k, v in vars(args).items() if k != "json"}
     write_json(args.json, results)
+    engine.shutdown()  # stops the tensor-parallel ranks, if any
 
 
 if __name__ == "__main__":

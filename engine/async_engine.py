@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.engine.llm_engine import EngineDeadError, LLMEngine, PromptType
 from pagedserve.engine.outputs import EngineStats, RequestOutput
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
@@ -20,8 +20,7 @@ from pagedserve.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 
 class AsyncEngine:
@@ -47,7 +46,8 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return not self._stopped
+        """False once shut down or once the engine has died (a tensor-parallel rank failed)."""
+        return not self._stopped and self.engine.is_healthy
 
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
@@ -55,6 +55,7 @@ class AsyncEngine:
         """Stream cumulative outputs of one request; bad input raises before the first one."""
         if self._stopped:
             raise EngineDeadError("the engine has been shut down")
+        self.engine.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = self.engine.make_sequence(request_id, prompt, params)
@@ -93,6 +94,7 @@ class AsyncEngine:
                 await self._loop_task
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError("the engine has been shut down"))
+        await asyncio.to_thread(self.engine.shutdown)  # stops tensor-parallel ranks, if any
 
     def _kick(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -104,7 +106,10 @@ class AsyncEngine:
         adds, self._to_add = self._to_add, []
         for seq in adds:
             if seq.request_id in self._streams:  # not abandoned before it started
-                self.engine.add_sequence(seq)
+                try:
+                    self.engine.add_sequence(seq)
+                except EngineDeadError as e:
+                    self._streams[seq.request_id].put_nowait(e)
         aborts, self._to_abort = self._to_abort, []
         for request_id in aborts:
             out = self.engine.abort_request(request_id)
@@ -122,6 +127,12 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
+            except EngineDeadError as e:  # a rank failed: every request in flight ends with it
+                logger.error("%s", e)
+                self._stopped = True
+                for stream in self._streams.values():
+                    stream.put_nowait(e)
+                return
             except Exception as e:  # keep serving: fail the requests in flight, not the engine
                 logger.exception("engine step failed; failing the requests in flight")
                 for request_id in list(self.engine.requests):

@@ -23,7 +23,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: 2048 on CPU, 8192 on CUDA
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks to split the model over; > 1 runs them on Ray
+    ray_address: str | None = None  # join this Ray cluster; default: start a local one
+    distributed_timeout: float = 60.0  # seconds any collective between ranks may wait
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,8 +55,22 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
             )
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(
+            self.tensor_parallel_size, int
+        ):
+            raise ValueError(
+                f"tensor_parallel_size must be an integer, got {self.tensor_parallel_size!r}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
+            )
+        if self.ray_address is not None and not str(self.ray_address).strip():
+            raise ValueError("ray_address is empty; leave it out to start a local Ray")
+        if not self.distributed_timeout > 0:
+            raise ValueError(
+                f"distributed_timeout must be a positive number of seconds, got {self.distributed_timeout}"
+            )
 
     @property
     def torch_device(self) -> torch.device:

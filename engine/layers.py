@@ -1,5 +1,7 @@
-"""Building blocks shared by every architecture: linear layers that load packed weights, norms,
-rotary embeddings, activations and paged attention."""
+"""Building blocks shared by every architecture: Megatron-style parallel linear layers and
+vocabulary-parallel embedding and LM head (each rank holds and loads only its shard; at
+tensor_parallel_size 1 they are plain layers), norms, rotary embeddings, activations and
+paged attention."""
 
 from __future__ import annotations
 
@@ -10,42 +12,150 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve import kernels
+from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
-    if param.shape != loaded.shape:
+def loaded_tensor(loaded) -> torch.Tensor:
+    """A checkpoint tensor as read: a torch tensor, or a lazy slice (weights.CheckpointSlice)
+    of a memory-mapped file, which is read here and only here."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.load()
+
+
+def _check_shape(loaded, expected: tuple[int, ...], name: str) -> None:
+    if tuple(loaded.shape) != tuple(expected):
         raise ValueError(
-            f"tensor {name!r} has shape {tuple(loaded.shape)}, the model expects {tuple(param.shape)}"
+            f"tensor {name!r} has shape {tuple(loaded.shape)}, the model expects {tuple(expected)}"
         )
-    param.data.copy_(loaded)
 
 
-class MergedLinear(nn.Linear):
-    """Several projections of the same input in one matmul (q/k/v, gate/up).
+def default_weight_loader(param: nn.Parameter, loaded, name: str) -> None:
+    """A replicated parameter: every rank holds the whole tensor."""
+    _check_shape(loaded, param.shape, name)
+    param.data.copy_(loaded_tensor(loaded))
 
-    Checkpoints store the parts separately; `shard_names` orders them in the merged weight.
-    """
 
-    def __init__(self, in_features: int, output_sizes: dict[str, int], bias: bool = False):
-        super().__init__(in_features, sum(output_sizes.values()), bias=bias)
-        self.offsets: dict[str, tuple[int, int]] = {}
-        start = 0
-        for shard, size in output_sizes.items():
-            self.offsets[shard] = (start, size)
-            start += size
-        self.weight.weight_loader = self._load_shard
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across the tensor-parallel ranks; with
+    several named parts (q/k/v, gate/up), one matmul computes this rank's share of each.
+
+    `parts` maps each part to (units, unit size): heads of head_dim rows, or MLP rows of one.
+    Each rank holds its units of every part, in part order. `replicate` names the parts that
+    may have fewer units than ranks (KV heads): each unit is then held by several ranks.
+    Checkpoints store the parts separately (a `shard` per part) or already merged."""
+
+    def __init__(
+        self,
+        in_features: int,
+        parts: dict[str, tuple[int, int]],
+        bias: bool = False,
+        replicate: tuple[str, ...] = (),
+    ):
+        tp = parallel.current()
+        # part -> (offset in this rank's rows, first row in the full part, rows, full rows)
+        self.ranges: dict[str, tuple[int, int, int, int]] = {}
+        local = 0
+        for part, (units, unit_size) in parts.items():
+            first, n = tp.shard(units, _PART_NAMES.get(part, part or "the output features"),
+                                replicate=part in replicate)  # fmt: skip
+            self.ranges[part] = (local, first * unit_size, n * unit_size, units * unit_size)
+            local += n * unit_size
+        super().__init__(in_features, local, bias=bias)
+        self.weight.weight_loader = self._load
         if bias:
-            self.bias.weight_loader = self._load_shard
+            self.bias.weight_loader = self._load
 
-    def _load_shard(
-        self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard: str | None = None
-    ) -> None:
-        if shard is None:  # a checkpoint that stores the projections already merged (GPT-2)
-            default_weight_loader(param, loaded, name)
+    def _load(self, param: nn.Parameter, loaded, name: str, shard: str | None = None) -> None:
+        rest = tuple(param.shape[1:])
+        if shard is not None:  # one part, as most checkpoints store q/k/v and gate/up
+            offset, first, rows, full = self.ranges[shard]
+            _check_shape(loaded, (full, *rest), name)
+            param.data.narrow(0, offset, rows).copy_(loaded_tensor(loaded.narrow(0, first, rows)))
             return
-        start, size = self.offsets[shard]
-        default_weight_loader(param.data.narrow(0, start, size), loaded, name)
+        # The parts already merged (GPT-2's c_attn, GPT-NeoX's query_key_value, any fc1).
+        _check_shape(loaded, (sum(r[3] for r in self.ranges.values()), *rest), name)
+        start = 0
+        for offset, first, rows, full in self.ranges.values():
+            piece = loaded.narrow(0, start + first, rows)
+            param.data.narrow(0, offset, rows).copy_(loaded_tensor(piece))
+            start += full
+
+
+# How errors name the parts of the merged projections the decoder builds.
+_PART_NAMES = {
+    "q": "the attention heads",
+    "k": "the key/value heads",
+    "v": "the key/value heads",
+    "gate": "intermediate_size",
+    "up": "intermediate_size",
+    "fc1": "intermediate_size",
+}
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across the ranks (the output of a
+    column-parallel layer); the partial products are summed by an all-reduce, then the bias
+    is added once. `units` = (units, unit size) of the input, split as the layer before split
+    its output."""
+
+    def __init__(self, units: tuple[int, int], out_features: int, bias: bool = False, what=""):
+        self.tp = parallel.current()
+        first, n = self.tp.shard(units[0], what or "the input features")
+        self.first, self.full = first * units[1], units[0] * units[1]
+        super().__init__(n * units[1], out_features, bias=bias)
+        self.weight.weight_loader = self._load_weight
+
+    def _load_weight(self, param: nn.Parameter, loaded, name: str) -> None:
+        _check_shape(loaded, (self.out_features, self.full), name)
+        param.data.copy_(loaded_tensor(loaded.narrow(1, self.first, self.in_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Token embeddings with the vocabulary split across the ranks: each rank looks up the
+    tokens in its range, the others' rows are zero, and an all-reduce sums them. The
+    vocabulary is padded to a multiple of the ranks (padding rows are zero, never looked up)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        self.tp = parallel.current()
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // self.tp.size) * self.tp.size
+        per_rank = padded // self.tp.size
+        self.first = self.tp.rank * per_rank
+        super().__init__(per_rank, dim)
+        self.weight.weight_loader = self._load_weight
+
+    def _load_weight(self, param: nn.Parameter, loaded, name: str) -> None:
+        _check_shape(loaded, (self.vocab_size, self.embedding_dim), name)
+        rows = max(0, min(self.num_embeddings, self.vocab_size - self.first))
+        param.data.zero_()
+        param.data.narrow(0, 0, rows).copy_(loaded_tensor(loaded.narrow(0, self.first, rows)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.first
+        mine = (local >= 0) & (local < self.num_embeddings)
+        out = F.embedding(local.masked_fill(~mine, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(~mine[:, None], 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The projection onto the vocabulary, split across the ranks as the embedding is (so a
+    tied head shares the embedding's shard). Logits are gathered on rank 0 only: the other
+    ranks get None."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size == 1:
+            return logits
+        logits = self.tp.gather_to_driver(logits, dim=-1)
+        return None if logits is None else logits[:, : self.vocab_size]
 
 
 class RMSNorm(nn.Module):
@@ -83,17 +193,19 @@ class LayerNorm(nn.LayerNorm):
 
 class PerHeadLayerNorm(nn.Module):
     """A LayerNorm of its own for each head of q or k (StableLM 2's qk_layernorm), weights
-    stored per head as `norms.{i}.weight`."""
+    stored per head as `norms.{i}.weight`. Every rank holds all heads' weights (they are
+    small) and applies those of its `heads` = (first, count)."""
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float):
+    def __init__(self, num_heads: int, head_dim: int, eps: float, heads: tuple[int, int]):
         super().__init__()
         self.norms = nn.ModuleList(
             nn.LayerNorm(head_dim, eps=eps, bias=False) for _ in range(num_heads)
         )
         self.eps = eps
+        self.heads = range(heads[0], heads[0] + heads[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, heads, head_dim]
-        weight = torch.stack([norm.weight for norm in self.norms])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, local heads, head_dim]
+        weight = torch.stack([self.norms[i].weight for i in self.heads])
         return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight
 
 

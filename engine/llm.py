@@ -14,9 +14,21 @@ from pagedserve.engine.sampling_params import SamplingParams
 
 
 class LLM:
+    """`with LLM(model, tensor_parallel_size=2) as llm: ...` stops the ranks at the end;
+    otherwise call `shutdown()` (nothing to stop with one rank)."""
+
     def __init__(self, model: str, **engine_args):
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args))
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -15,6 +15,7 @@ from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from pagedserve.engine.parallel import TensorParallelError
 from pagedserve.engine.sampler import Sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import Scheduler
@@ -27,6 +28,11 @@ PromptType = str | Seq[int] | dict
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses as given; nothing in the engine changed."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped (shut down, or a tensor-parallel rank failed); no request can
+    be served."""
 
 
 def _token_ids(ids) -> list[int]:
@@ -42,16 +48,38 @@ def _token_ids(ids) -> list[int]:
 
 
 class LLMEngine:
+    """Scheduler and model runner. With tensor_parallel_size > 1 this process is rank 0's
+    driver and `executor` runs the other ranks (engine/executor.py); call `shutdown()` (or
+    use the engine as a context manager) to stop them."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.executor = None
+        self._dead: str | None = None
+        self._closed = False
         torch.manual_seed(config.seed)
-        loaded = load_model(config)
+        if config.tensor_parallel_size > 1:
+            from pagedserve.engine.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(config)
+            loaded, self.runner = self.executor.loaded, self.executor.runner
+        else:
+            if config.ray_address is not None:
+                logger.warning("ray_address is ignored: tensor_parallel_size is 1")
+            loaded = load_model(config)
+            self.runner = ModelRunner(config, loaded)
+        try:
+            self._setup(config, loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _setup(self, config: EngineConfig, loaded) -> None:
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.hf_config.vocab_size
-        self.runner = ModelRunner(config, loaded)
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             raise ValueError(
@@ -69,6 +97,45 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.runner.warmup()
+
+    # --- life -----------------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        """False once shut down or once a tensor-parallel rank has failed (noticed at the
+        next step, or by the executor's watcher while idle)."""
+        if self._dead is not None or self._closed:
+            return False
+        return self.executor is None or self.executor.is_healthy
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError, saying why, unless the engine can serve."""
+        if self.executor is not None and self.executor.failure is not None:
+            self._dead = self._dead or self.executor.failure
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        if self._closed:
+            raise EngineDeadError("the engine has been shut down")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (and the local Ray they ran on); nothing to do for
+        one rank beyond refusing further requests. Safe to call more than once."""
+        self._closed = True
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _die(self, reason: str) -> EngineDeadError:
+        """A rank failed mid-step: end every request, stop the ranks, report why."""
+        self._dead = reason
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        self.shutdown()
+        return EngineDeadError(f"the engine has stopped: {reason}")
 
     # --- requests -------------------------------------------------------------------------
     def make_sequence(
@@ -116,6 +183,7 @@ class LLMEngine:
         return None, _token_ids(prompt)
 
     def add_sequence(self, seq: Sequence) -> None:
+        self.check_health()
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
         params = seq.params
@@ -157,7 +225,10 @@ class LLMEngine:
         outputs = [self._end_out_of_memory(group) for group in sched.out_of_memory]
         if sched.is_empty:
             return outputs
-        samples = self.runner.execute(sched)
+        try:
+            samples = self.runner.execute(sched)
+        except TensorParallelError as e:
+            raise self._die(str(e)) from e
         sampled: dict[str, list[Sequence]] = {}
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             seq.num_computed_tokens += n

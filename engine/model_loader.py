@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pagedserve.engine import parallel
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.models import model_class
+from pagedserve.engine.parallel import ParallelContext
 from pagedserve.engine.weights import iter_checkpoint, load_weights
 
 logger = logging.getLogger(__name__)
@@ -21,45 +23,37 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     model: nn.Module
     hf_config: object
-    tokenizer: object
+    tokenizer: object  # None on tensor-parallel ranks other than 0
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int]
+    # (checkpoint name, shape read from the file) of each lazy read, under tensor parallelism
+    reads: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    path = Path(config.model).expanduser()
-    if not path.exists():
-        raise ValueError(f"model path {config.model!r} does not exist")
-    gguf_file = _gguf_file(path)
+def load_model(config: EngineConfig, ctx: ParallelContext | None = None) -> LoadedModel:
+    """The model (this rank's shard of it under tensor parallelism) with its weights."""
+    ctx = ctx or ParallelContext()
+    path, gguf_file, hf_config = _read_config(config)
+    reads: list[tuple[str, tuple[int, ...]]] = []
     if gguf_file is not None:
         from pagedserve.engine import gguf_loader
 
-        hf_config = gguf_loader.load_gguf_config(gguf_file)
-        tokenizer = gguf_loader.load_gguf_tokenizer(gguf_file)
-        weights = gguf_loader.iter_gguf_weights(gguf_file)
+        tokenizer = gguf_loader.load_gguf_tokenizer(gguf_file) if ctx.is_driver else None
+        weights = gguf_loader.iter_gguf_weights(gguf_file)  # dequantized whole, then narrowed
     else:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"{path} is not a model folder: it has no config.json and no .gguf file"
-            )
-        hf_config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
-        weights = iter_checkpoint(path)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(config.tokenizer or path) if ctx.is_driver else None
+        )
+        weights = iter_checkpoint(path, lazy=ctx.size > 1, reads=reads)
 
     cls = model_class(hf_config)  # refuses unsupported architectures before any heavy work
     dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
     max_model_len = _max_model_len(config, hf_config)
     start = time.perf_counter()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(config.torch_device):
-            model = cls(hf_config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = _build(cls, hf_config, dtype, config.torch_device, ctx)
     load_weights(model, weights)
     model.eval()
     logger.info("loaded %s (%s) in %.1fs", path.name, cls.__name__, time.perf_counter() - start)
@@ -70,7 +64,45 @@ def load_model(config: EngineConfig) -> LoadedModel:
         dtype=dtype,
         max_model_len=max_model_len,
         eos_token_ids=_eos_token_ids(hf_config, tokenizer),
+        reads=reads,
     )
+
+
+def check_tensor_parallel(config: EngineConfig) -> None:
+    """Refuse a tensor_parallel_size the model cannot be split by (attention heads, KV heads,
+    MLP rows), with a ValueError, before any rank starts: the model is built on the meta
+    device, which allocates nothing."""
+    _, _, hf_config = _read_config(config)
+    cls = model_class(hf_config)
+    _max_model_len(config, hf_config)
+    _build(cls, hf_config, torch.float32, torch.device("meta"),
+           ParallelContext(0, config.tensor_parallel_size))  # fmt: skip
+
+
+def _read_config(config: EngineConfig) -> tuple[Path, Path | None, object]:
+    path = Path(config.model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {config.model!r} does not exist")
+    gguf_file = _gguf_file(path)
+    if gguf_file is not None:
+        from pagedserve.engine import gguf_loader
+
+        return path, gguf_file, gguf_loader.load_gguf_config(gguf_file)
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model folder: it has no config.json and no .gguf file")
+    return path, None, AutoConfig.from_pretrained(path)
+
+
+def _build(cls, hf_config, dtype: torch.dtype, device: torch.device, ctx: ParallelContext):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), parallel.building(ctx):
+            return cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _gguf_file(path: Path) -> Path | None:
@@ -114,7 +146,7 @@ def _max_model_len(config: EngineConfig, hf_config) -> int:
 
 def _eos_token_ids(hf_config, tokenizer) -> list[int]:
     eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
+    if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
     if eos is None:
         return []

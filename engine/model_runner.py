@@ -1,10 +1,16 @@
 """Runs the model: owns the weights and the KV cache, turns a SchedulerOutput into one flat
-batch, runs the forward pass and samples. It never decides who runs."""
+batch, runs the forward pass and samples. It never decides who runs.
+
+Under tensor parallelism every rank has a runner over its shard. Rank 0's `execute` builds the
+step (`StepInput`) and hands it to its `channel`, which broadcasts it; the other ranks get it
+there and call `run_step` only, so every rank runs the same collectives in the same order."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -15,6 +21,7 @@ from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
 from pagedserve.engine.layers import PagedAttention
 from pagedserve.engine.model_loader import LoadedModel
+from pagedserve.engine.parallel import ParallelContext, StepInput
 from pagedserve.engine.sampler import Sample, SamplingTensors, sample
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
@@ -22,9 +29,21 @@ from pagedserve.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
+class StepChannel(Protocol):
+    """How rank 0 sends each step to the other ranks (engine/executor.py implements it)."""
+
+    def step(self, step: StepInput) -> contextlib.AbstractContextManager[None]:
+        """Send `step`; the block runs rank 0's part of it while the others run theirs."""
+        ...
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel):
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel, ctx: ParallelContext | None = None
+    ):
         self.config = config
+        self.ctx = ctx or ParallelContext()
+        self.channel: StepChannel | None = None  # rank 0's, under tensor parallelism
         self.device = config.torch_device
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
@@ -44,14 +63,18 @@ class ModelRunner:
         return per_token * self.block_size * len(self.attention_layers)
 
     def _num_blocks(self) -> int:
+        """Blocks that this rank's budget holds; under tensor parallelism every rank computes
+        its own and all take the smallest, so their caches have the same blocks."""
         if self.device.type == "cuda":
             budget = self._profile_cuda_budget()
         else:
             budget = self.config.kv_cache_bytes
-        num_blocks = budget // self.block_bytes
+        num_blocks = self.ctx.min_over_ranks(max(0, budget // self.block_bytes))
         if num_blocks < 1:
             raise ValueError(
-                f"the KV-cache budget ({budget} bytes) holds no block of {self.block_bytes} bytes; "
+                f"the KV-cache budget ({budget} bytes"
+                + (" on some rank" if self.ctx.size > 1 else "")
+                + f") holds no block of {self.block_bytes} bytes; "
                 "raise --kv-cache-memory (CPU) or --gpu-memory-utilization (CUDA)"
             )
         return int(num_blocks)
@@ -149,61 +172,90 @@ class ModelRunner:
         )
         return batch, sampled
 
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[int, list[Sample]]:
-        """Run one step; returns {seq_id: samples} for sequences that finished their input
-        (`seq.fan_out` samples each: several when a prompt fans out into best_of)."""
-        if sched.block_copies:
-            src, dst = zip(*sched.block_copies, strict=True)
-            kernels.copy_blocks(
-                self.k_caches, self.v_caches,
-                torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device),
-            )  # fmt: skip
+    def prepare_step(
+        self, sched: SchedulerOutput
+    ) -> tuple[StepInput, list[Sequence], list[tuple[Sequence, int, int]]]:
+        """The step every rank runs, the sequences sampled from, and the prompt-logprob plans
+        (sequence, first and end prompt position) in the order of their logit groups."""
         batch, sampled = self.prepare(sched)
-        hidden = self.model(batch.input_ids, batch.positions, batch)
-        self._prompt_logprobs(sched, batch, hidden)
-        if not sampled:
-            return {}
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        fan_out = [seq.fan_out for seq in sampled]
-        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
-        samples = iter(sample(logits, tensors))
-        return {
-            seq.seq_id: [next(samples) for _ in range(k)]
-            for seq, k in zip(sampled, fan_out, strict=True)
-        }
-
-    def _prompt_logprobs(self, sched: SchedulerOutput, batch: Batch, hidden: torch.Tensor) -> None:
-        """Logprobs of each prompt token given the ones before it, for requests that ask."""
+        groups: list[tuple[int, int] | None] = []
+        plans = []
         row = 0
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             k, start = seq.params.prompt_logprobs, seq.num_computed_tokens
             end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt token predicts output
             if k is not None and start < seq.num_prompt_tokens:
-                if start == 0:
-                    seq.prompt_logprobs = [None]
+                plans.append((seq, start, end))
                 if end > start:
-                    logprobs = (
-                        self.model.compute_logits(hidden[row : row + end - start])
-                        .float()
-                        .log_softmax(-1)
-                    )
-                    targets = torch.tensor(seq.token_ids[start + 1 : end + 1], device=self.device)
-                    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-                    top = logprobs.topk(k, dim=-1) if k else None
-                    for i, (token, lp) in enumerate(zip(targets.tolist(), chosen, strict=True)):
-                        entry = {token: lp}
-                        if top is not None:
-                            entry.update(
-                                zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)
-                            )
-                        seq.prompt_logprobs.append(entry)
+                    groups.append((row, row + end - start))
             row += n
+        if sampled:
+            groups.append(None)
+        return StepInput(batch, list(sched.block_copies), groups), sampled, plans
+
+    def run_step(self, step: StepInput) -> list[torch.Tensor | None]:
+        """Copy blocks, run the forward pass, and compute the logits of each group of rows
+        (None on ranks other than 0). Every rank runs this for every step."""
+        if step.block_copies:
+            src, dst = zip(*step.block_copies, strict=True)
+            kernels.copy_blocks(
+                self.k_caches, self.v_caches,
+                torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device),
+            )  # fmt: skip
+        batch = step.batch
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        return [
+            self.model.compute_logits(
+                hidden[batch.logits_indices] if group is None else hidden[group[0] : group[1]]
+            )
+            for group in step.logit_groups
+        ]
+
+    def _run(self, step: StepInput) -> list[torch.Tensor | None]:
+        if self.channel is None:
+            return self.run_step(step)
+        with self.channel.step(step):
+            return self.run_step(step)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[int, list[Sample]]:
+        """Run one step; returns {seq_id: samples} for sequences that finished their input
+        (`seq.fan_out` samples each: several when a prompt fans out into best_of)."""
+        step, sampled, plans = self.prepare_step(sched)
+        logits = iter(self._run(step))
+        self._prompt_logprobs(plans, logits)
+        if not sampled:
+            return {}
+        fan_out = [seq.fan_out for seq in sampled]
+        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
+        samples = iter(sample(next(logits), tensors))
+        return {
+            seq.seq_id: [next(samples) for _ in range(k)]
+            for seq, k in zip(sampled, fan_out, strict=True)
+        }
+
+    def _prompt_logprobs(self, plans, logits) -> None:
+        """Logprobs of each prompt token given the ones before it, for requests that ask."""
+        for seq, start, end in plans:
+            k = seq.params.prompt_logprobs
+            if start == 0:
+                seq.prompt_logprobs = [None]
+            if end <= start:
+                continue
+            logprobs = next(logits).float().log_softmax(-1)
+            targets = torch.tensor(seq.token_ids[start + 1 : end + 1], device=self.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            top = logprobs.topk(k, dim=-1) if k else None
+            for i, (token, lp) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+                entry = {token: lp}
+                if top is not None:
+                    entry.update(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+                seq.prompt_logprobs.append(entry)
 
     def warmup(self) -> float:
         """One forward pass so the first request does not pay for lazy initialisation."""
         start = time.perf_counter()
         dummy = self._dummy_batch(min(16, self.num_blocks * self.block_size))
         with torch.inference_mode():
-            self.model(dummy.input_ids, dummy.positions, dummy)
+            self._run(StepInput(dummy))
         return time.perf_counter() - start

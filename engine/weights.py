@@ -6,6 +6,10 @@ model (engine/models/decoder.py defines them): `normalize_checkpoint_name` (olde
 `packed_modules` (checkpoint projection -> merged parameter and shard) and
 `convert_checkpoint_tensor` (layouts that differ, such as GPT-2's transposed Conv1D).
 Errors name tensors as the checkpoint spells them.
+
+Under tensor parallelism safetensors are read lazily (`CheckpointSlice`): each parameter's
+weight loader narrows the tensor to its rank's shard and only that part of the memory map is
+read; conversions compose onto the slice instead of reading the whole tensor.
 """
 
 from __future__ import annotations
@@ -52,20 +56,26 @@ def _indexed_files(index: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    folder: Path, lazy: bool = False, reads: list[tuple[str, tuple[int, ...]]] | None = None
+) -> Iterator[tuple[str, torch.Tensor | CheckpointSlice]]:
     """Yield (name, tensor) pairs one at a time, memory-mapped where the format allows, with
-    a progress bar over the tensors."""
+    a progress bar over the tensors. With `lazy`, safetensors matrices and vectors come as
+    `CheckpointSlice`s, read when a loader asks and only as far as it narrows them; `reads`
+    then collects (name, shape read) for each read."""
     files = checkpoint_files(folder)
     with tqdm(total=None, desc="loading weights", unit="tensor", leave=False) as bar:
         for path in files:
             bar.set_postfix_str(path.name)
             if path.suffix == ".safetensors":
-                yield from _iter_safetensors(path, bar)
+                yield from _iter_safetensors(path, bar, lazy, reads)
             else:
                 yield from _iter_bin(path, bar)
 
 
-def _iter_safetensors(path: Path, bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(
+    path: Path, bar: tqdm, lazy: bool = False, reads: list | None = None
+) -> Iterator[tuple[str, torch.Tensor | CheckpointSlice]]:
     from safetensors import safe_open
 
     try:
@@ -77,8 +87,111 @@ def _iter_safetensors(path: Path, bar: tqdm) -> Iterator[tuple[str, torch.Tensor
         bar.total = (bar.total or 0) + len(names)
         bar.refresh()
         for name in names:
+            if lazy:
+                part = f.get_slice(name)
+                if len(part.get_shape()) in (1, 2):
+                    yield name, CheckpointSlice(part, name, reads)
+                    bar.update()
+                    continue
             yield name, f.get_tensor(name)
             bar.update()
+
+
+class CheckpointSlice:
+    """A vector or matrix in a safetensors file, not read yet. `narrow` and the re-layouts
+    that checkpoint conversions use (`t`, and `view` / `reshape` / `transpose` that keep the
+    last dimension) compose maps from this tensor's rows and columns to the file's; `load()`
+    reads only the bounding box of the selected rows and columns from the memory map."""
+
+    def __init__(self, part, name: str, reads: list | None, rows=None, cols=None, flip=False):
+        self._part, self.name, self._reads = part, name, reads
+        shape = part.get_shape()
+        if rows is None:  # the file's tensor itself
+            rows = torch.arange(shape[0])
+            cols = torch.arange(shape[1]) if len(shape) == 2 else None
+        self._rows, self._cols, self._flip = rows, cols, flip  # flip: rows are file columns
+
+    def _with(self, rows, cols=None, flip=None) -> CheckpointSlice:
+        cols = self._cols if cols is None else cols
+        flip = self._flip if flip is None else flip
+        return CheckpointSlice(self._part, self.name, self._reads, rows, cols, flip)
+
+    @property
+    def shape(self) -> torch.Size:
+        tail = () if self._cols is None else (len(self._cols),)
+        return torch.Size((*self._rows.shape, *tail))
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def narrow(self, dim: int, start: int, length: int) -> CheckpointSlice:
+        dim = dim % self.dim()
+        if dim < self._rows.dim():
+            return self._with(self._rows.narrow(dim, start, length))
+        return self._with(self._rows, self._cols.narrow(0, start, length))
+
+    def t(self) -> CheckpointSlice:
+        if self._cols is None or self._rows.dim() != 1:
+            raise NotImplementedError("t() of a slice that is not a matrix")
+        return self._with(self._cols, self._rows, not self._flip)
+
+    def view(self, *shape) -> CheckpointSlice:
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        if self._cols is None:
+            return self._with(self._rows.reshape(shape))
+        if not shape or shape[-1] != len(self._cols):
+            raise NotImplementedError("a view of a checkpoint slice must keep its last dimension")
+        return self._with(self._rows.reshape(shape[:-1]))
+
+    reshape = view
+
+    def transpose(self, dim0: int, dim1: int) -> CheckpointSlice:
+        dim0, dim1 = dim0 % self.dim(), dim1 % self.dim()
+        if max(dim0, dim1) >= self._rows.dim():
+            raise NotImplementedError("transpose of a checkpoint slice's last dimension")
+        return self._with(self._rows.transpose(dim0, dim1))
+
+    def load(self) -> torch.Tensor:
+        """Read the selected part from the file: its rows, as runs of consecutive rows, and
+        the span of its columns."""
+        rows = self._rows.reshape(-1)
+        if rows.numel() == 0 or (self._cols is not None and self._cols.numel() == 0):
+            dtype = _SAFETENSORS_DTYPES.get(self._part.get_dtype(), torch.float32)
+            return torch.empty(self.shape, dtype=dtype)
+        wanted = torch.unique(rows)  # sorted
+        breaks = (torch.nonzero(wanted[1:] - wanted[:-1] != 1).flatten() + 1).tolist()
+        starts = [0, *breaks]
+        runs = [(int(wanted[a]), int(wanted[b - 1]) + 1)
+                for a, b in zip(starts, [*breaks, len(wanted)], strict=True)]  # fmt: skip
+        if self._cols is None:
+            block = torch.cat([self._part[a:b] for a, b in runs])
+            read = tuple(block.shape)
+        else:
+            c0, c1 = int(self._cols.min()), int(self._cols.max()) + 1
+            if self._flip:  # rows are the file's columns
+                block = torch.cat([self._part[c0:c1, a:b] for a, b in runs], dim=1)
+                read, block = tuple(block.shape), block.t()
+            else:
+                block = torch.cat([self._part[a:b, c0:c1] for a, b in runs])
+                read = tuple(block.shape)
+            block = _pick(block.t(), self._cols - c0).t()
+        out = _pick(block, torch.searchsorted(wanted, rows))
+        if self._reads is not None:
+            self._reads.append((self.name, read))
+        return out.reshape(self.shape)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _pick(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """block[index] along the first dimension; a view when the index is the whole block."""
+    if len(index) == block.shape[0] and bool((index == torch.arange(len(index))).all()):
+        return block
+    return block.index_select(0, index)
 
 
 def _iter_bin(path: Path, bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
@@ -145,6 +258,22 @@ class CheckpointNames:
                     yield name, shard
 
 
+def _convert(convert, name: str, ckpt_name: str, target: str, tensor):
+    try:
+        return convert(name, tensor)
+    except (NotImplementedError, AttributeError):
+        if not isinstance(tensor, CheckpointSlice):
+            raise
+        # A conversion that a lazy slice cannot compose: read this tensor whole after all.
+        logger.debug("converting %s reads the whole tensor", ckpt_name)
+        return _convert(convert, name, ckpt_name, target, tensor.load())
+    except RuntimeError as e:  # a view or transpose that the tensor's shape refuses
+        raise ValueError(
+            f"tensor {ckpt_name!r} of shape {tuple(tensor.shape)} cannot be converted "
+            f"for parameter {target}: {e}"
+        ) from e
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into `model`, merging packed projections. Every parameter must
     be filled exactly once; a missing, repeated or mis-shaped tensor is named in the error."""
@@ -169,13 +298,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                 f"parameter {target}" + (f" ({shard})" if shard else "")
             )
         if convert is not None:
-            try:
-                tensor = convert(name, tensor)
-            except RuntimeError as e:  # a view or transpose that the tensor's shape refuses
-                raise ValueError(
-                    f"tensor {ckpt_name!r} of shape {tuple(tensor.shape)} cannot be converted "
-                    f"for parameter {target}: {e}"
-                ) from e
+            tensor = _convert(convert, name, ckpt_name, target, tensor)
         loader = getattr(param, "weight_loader", default_weight_loader)
         if shard is None:
             loader(param, tensor, ckpt_name)

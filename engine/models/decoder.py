@@ -5,6 +5,11 @@ activation, which biases, rotary or learned positions, how the residual runs) an
 checkpoint names onto this module's parameter names (`checkpoint_renames`, applied in order,
 then `packed_modules` for projections that this module merges). Parameter names follow
 Llama's checkpoints, so Llama itself needs no renames.
+
+Tensor parallelism lives here once for every architecture, Megatron-style: q/k/v and
+gate/up (or fc1) are column-parallel, split by heads and rows; o_proj and down (or fc2) are
+row-parallel with an all-reduce; embedding and LM head are split by vocabulary; norms and
+position embeddings are replicated. Each rank builds its shard (see engine/parallel.py).
 """
 
 from __future__ import annotations
@@ -15,16 +20,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.layers import (
     ActAndMul,
+    ColumnParallelLinear,
     LayerNorm,
     LearnedPositionEmbedding,
-    MergedLinear,
     PagedAttention,
+    ParallelLMHead,
     PerHeadLayerNorm,
     RMSNorm,
     RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
     activation,
 )
 
@@ -124,25 +133,32 @@ def sliding_windows(config) -> tuple[int | None, ...]:
 class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
-        self.head_dim = spec.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            spec.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, spec.qkv_bias
+        tp = parallel.current()
+        # This rank's heads; KV heads are replicated when there are fewer than ranks (GQA).
+        q_heads = tp.shard(spec.num_heads, "the attention heads")
+        kv_heads = tp.shard(spec.num_kv_heads, "the key/value heads", replicate=True)
+        self.num_heads, self.num_kv_heads = q_heads[1], kv_heads[1]
+        self.head_dim = hd = spec.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            spec.hidden_size,
+            {"q": (spec.num_heads, hd), "k": (spec.num_kv_heads, hd), "v": (spec.num_kv_heads, hd)},
+            spec.qkv_bias,
+            replicate=("k", "v"),
         )
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = RowParallelLinear(
+            (spec.num_heads, hd), spec.hidden_size, spec.o_bias, "the attention heads"
+        )
         if spec.qk_norm:
-            self.q_layernorm = PerHeadLayerNorm(self.num_heads, self.head_dim, spec.norm_eps)
-            self.k_layernorm = PerHeadLayerNorm(self.num_kv_heads, self.head_dim, spec.norm_eps)
+            self.q_layernorm = PerHeadLayerNorm(spec.num_heads, hd, spec.norm_eps, q_heads)
+            self.k_layernorm = PerHeadLayerNorm(spec.num_kv_heads, hd, spec.norm_eps, kv_heads)
         self.qk_norm = spec.qk_norm
         self.rotary_emb = None
         if spec.rotary_dim:
-            self.rotary_emb = RotaryEmbedding(
-                self.head_dim, spec.rotary_dim, spec.max_positions, spec.rope
-            )
-        scale = spec.attn_scales[layer] if spec.attn_scales else self.head_dim**-0.5
+            self.rotary_emb = RotaryEmbedding(hd, spec.rotary_dim, spec.max_positions, spec.rope)
+        scale = spec.attn_scales[layer] if spec.attn_scales else hd**-0.5
         window = spec.sliding_windows[layer] if spec.sliding_windows else None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale, window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, scale, window)
+        q_size, kv_size = self.num_heads * hd, self.num_kv_heads * hd
         self.split = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -161,14 +177,17 @@ class MLP(nn.Module):
     def __init__(self, spec: DecoderSpec):
         super().__init__()
         size, bias = spec.intermediate_size, spec.mlp_bias
+        rows = (size, 1)
         if spec.gated_mlp:
-            self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate": size, "up": size}, bias)
+            self.gate_up_proj = ColumnParallelLinear(
+                spec.hidden_size, {"gate": rows, "up": rows}, bias
+            )
             self.act = ActAndMul(activation(spec.act))
-            self.down_proj = nn.Linear(size, spec.hidden_size, bias=bias)
+            self.down_proj = RowParallelLinear(rows, spec.hidden_size, bias, "intermediate_size")
         else:
-            self.fc1 = nn.Linear(spec.hidden_size, size, bias=bias)
+            self.fc1 = ColumnParallelLinear(spec.hidden_size, {"fc1": rows}, bias)
             self.act = activation(spec.act)
-            self.fc2 = nn.Linear(size, spec.hidden_size, bias=bias)
+            self.fc2 = RowParallelLinear(rows, spec.hidden_size, bias, "intermediate_size")
         self.gated = spec.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +236,7 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec):
         super().__init__()
         embed_dim = spec.embed_dim or spec.hidden_size
-        self.embed_tokens = nn.Embedding(spec.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, embed_dim)
         self.project_in = self.project_out = None
         if embed_dim != spec.hidden_size:
             self.project_in = nn.Linear(embed_dim, spec.hidden_size, bias=False)
@@ -268,7 +287,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = nn.Linear(spec.embed_dim or spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.embed_dim or spec.hidden_size)
         self.tie_word_embeddings = spec.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -278,7 +297,8 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, batch)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
         return self.lm_head(hidden)
 
     # --- loading hooks (engine/weights.py calls them) --------------------------------------
