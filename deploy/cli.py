@@ -169,6 +169,11 @@ def worker(
         None, help="With --tensor-parallel-size > 1: join this Ray cluster [default: a local Ray]."
     ),
     seed: int = typer.Option(0, help="Engine seed."),
+    chat_template: str | None = typer.Option(
+        None,
+        help="Chat template: a built-in (FastChat) name such as vicuna_v1.1, or a Jinja file "
+        "[default: the tokenizer's own, else the built-in one the model's name matches].",
+    ),
 ) -> None:
     """Run a model worker: one engine behind FastChat's worker API and OpenAI's API."""
     from pagedserve.worker.config import WorkerConfig
@@ -198,6 +203,7 @@ def worker(
             worker_address=worker_address,
             heartbeat_interval=heartbeat_interval,
             drain_timeout=drain_timeout,
+            chat_template=chat_template,
             engine=engine,
         )
     except ValueError as e:

@@ -102,8 +102,8 @@ def test_generate_stream_frames_are_cumulative_and_nul_delimited(worker: ServerP
         ({"prompt": "hi", "temperature": -1}, 400, 40001, "temperature"),
         ({"prompt": "hi", "top_p": 3}, 400, 40001, "top_p"),
         ({"prompt": "hi", "top_k": -7}, 400, 40001, "top_k"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, 400, 40302, "presence_penalty"),
-        ({"prompt": "hi", "use_beam_search": True}, 400, 40302, "use_beam_search"),
+        ({"prompt": "hi", "presence_penalty": 5}, 400, 40302, "presence_penalty"),
+        ({"prompt": "hi", "use_beam_search": True, "best_of": 2}, 400, 40302, "temperature"),
         ({"prompt": "hi", "stop": [""]}, 400, 40302, "stop"),
         ({"prompt": "hi " * 400}, 400, 40303, "maximum context length"),
         ({"prompt": "hi", "model": "no-such-model"}, 404, 40301, "no-such-model"),
@@ -241,9 +241,9 @@ def test_streams_are_server_sent_events_ending_with_done(worker: ServerProcess) 
         ),
         (
             "/v1/chat/completions",
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
             400,
-            "logprobs",
+            "top_logprobs",
         ),
         (
             "/v1/chat/completions",
@@ -267,9 +267,21 @@ def test_streams_are_server_sent_events_ending_with_done(worker: ServerProcess) 
         ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": -0.5}, 400, "top_p"),
         (
             "/v1/completions",
-            {"model": "tiny", "prompt": "x", "frequency_penalty": 1.0},
+            {"model": "tiny", "prompt": "x", "frequency_penalty": 3.0},
             400,
             "frequency_penalty",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "logit_bias": {"not-a-token": 5}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "use_beam_search": True, "best_of": 2},
+            400,
+            None,
         ),
         ("/v1/completions", {"model": "tiny", "prompt": [99999]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x"}, 400, "model"),
@@ -286,6 +298,216 @@ def test_bad_openai_requests_get_openai_error_objects(
     if param is not None:
         assert error["param"] == param
     assert idle(worker)
+
+
+# -- logprobs, n, penalties, beam search -----------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "Tell me about the sun"}]
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama: Path) -> Iterator[object]:
+    from pagedserve.engine import LLM
+
+    llm = LLM(str(tiny_llama), **ENGINE)
+    yield llm
+    llm.shutdown()
+
+
+def offline_logprobs(llm: object, prompt_ids: list[int], stop_ids: list[int]) -> tuple[list, list]:
+    from pagedserve.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=3, stop_token_ids=stop_ids)
+    out = llm.generate([prompt_ids], params, use_tqdm=False)[0].outputs[0]  # type: ignore[attr-defined]
+    return out.token_ids, out.logprobs
+
+
+def engine_requests(w: ServerProcess, route: str) -> float:
+    total = 0.0
+    for line in httpx.get(w.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("pagedserve_worker_requests_total{") and f'route="{route}"' in line:
+            total += float(line.split()[-1])
+    return total
+
+
+def expected_top(entry: dict[int, float]) -> list[float]:
+    return sorted(entry.values(), reverse=True)[:3]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_equal_the_engines_offline_logprobs(
+    worker: ServerProcess, offline: object, stream: bool
+) -> None:
+    tok = offline.tokenizer  # type: ignore[attr-defined]
+    ids, logprobs = offline_logprobs(offline, tok.encode("The sun"), [])
+    body = {
+        "model": "tiny", "prompt": "The sun", "max_tokens": 5, "temperature": 0,
+        "logprobs": 3, "stream": stream,
+    }  # fmt: skip
+    r = post(worker, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+        parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+        got = {k: [x for p in parts for x in p[k]] for k in parts[0]}
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    else:
+        got = r.json()["choices"][0]["logprobs"]
+        text = r.json()["choices"][0]["text"]
+    assert len(got["tokens"]) == len(ids) == 5
+    assert got["token_logprobs"] == pytest.approx(
+        [e[t] for t, e in zip(ids, logprobs, strict=True)], abs=1e-4
+    )
+    for top, entry in zip(got["top_logprobs"], logprobs, strict=True):
+        assert sorted(top.values(), reverse=True) == pytest.approx(expected_top(entry), abs=1e-4)
+    assert got["text_offset"][0] == 0
+    assert all(b >= a for a, b in zip(got["text_offset"], got["text_offset"][1:], strict=False))
+    assert "".join(got["tokens"]).strip() == text.strip()
+    assert idle(worker)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_equal_the_engines_offline_logprobs(
+    worker: ServerProcess, offline: object, stream: bool
+) -> None:
+    from pagedserve.engine.chat_templates import resolve_chat_template
+
+    tok = offline.tokenizer  # type: ignore[attr-defined]
+    template = resolve_chat_template(tok, "tiny")
+    prompt = tok.encode(template.render(MESSAGES, True), add_special_tokens=False)
+    ids, logprobs = offline_logprobs(offline, prompt, template.stop_token_ids)
+    body = {
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+        "logprobs": True, "top_logprobs": 3, "stream": stream,
+    }  # fmt: skip
+    r = post(worker, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+        content = [
+            x
+            for c in chunks
+            if c["choices"][0].get("logprobs")
+            for x in c["choices"][0]["logprobs"]["content"]
+        ]
+    else:
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+        content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(ids)
+    assert [c["logprob"] for c in content] == pytest.approx(
+        [e[t] for t, e in zip(ids, logprobs, strict=True)], abs=1e-4
+    )
+    for c, entry in zip(content, logprobs, strict=True):
+        assert set(c) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert c["bytes"] == list(c["token"].encode())
+        assert len(c["top_logprobs"]) == 3
+        got = [t["logprob"] for t in c["top_logprobs"]]
+        assert got == pytest.approx(expected_top(entry), abs=1e-4)
+    assert idle(worker)
+
+
+def test_n_choices_come_from_one_engine_request(worker: ServerProcess) -> None:
+    before = engine_requests(worker, "/v1/completions")
+    body = {"model": "tiny", "prompt": "The sun", "max_tokens": 6, "n": 3, "seed": 7}
+    r = post(worker, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert engine_requests(worker, "/v1/completions") == before + 1
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 18  # summed over the choices
+    assert post(worker, "/v1/completions", body).json()["choices"] == choices  # seeded
+
+    two = post(worker, "/v1/completions", {**body, "prompt": ["The sun", "A cat"], "n": 2})
+    assert two.status_code == 200, two.text
+    assert sorted(c["index"] for c in two.json()["choices"]) == [0, 1, 2, 3]
+    assert two.json()["usage"]["completion_tokens"] == 24
+
+    stream = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "n": 3, "seed": 7}
+    r = post(worker, "/v1/chat/completions", {**stream, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1, 2]
+    assert idle(worker)
+
+
+def test_penalties_and_logit_bias_are_accepted(worker: ServerProcess) -> None:
+    plain = {"model": "tiny", "prompt": "The sun", "max_tokens": 6, "temperature": 0}
+    base = post(worker, "/v1/completions", plain).json()["choices"][0]["text"]
+    for extra in (
+        {"presence_penalty": 1.5, "frequency_penalty": -0.5},
+        {"repetition_penalty": 1.3},
+        {"logit_bias": {"5": 10.0, "17": -100}},
+    ):
+        r = post(worker, "/v1/completions", {**plain, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    # a bias of 100 forces its token at every step
+    forced = post(worker, "/v1/completions", {**plain, "logit_bias": {"42": 100}, "logprobs": 0})
+    tokens = forced.json()["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == 6 and len(set(tokens)) == 1 and base is not None
+    # a degenerate penalty makes logprobs NaN or -inf: they still come back as JSON numbers
+    odd = {**plain, "repetition_penalty": 5e-324, "logprobs": 2}
+    r = post(worker, "/v1/completions", odd)
+    assert r.status_code == 200, r.text
+    assert all(isinstance(x, float) for x in r.json()["choices"][0]["logprobs"]["token_logprobs"])
+    chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "presence_penalty": 1.0}
+    assert post(worker, "/v1/chat/completions", chat).status_code == 200
+    fastchat = {"prompt": "The sun", "max_new_tokens": 4, "temperature": 0}
+    for extra in ({"presence_penalty": 0.5, "repetition_penalty": 1.2}, {"logprobs": 2}):
+        r = post(worker, "/worker_generate", {**fastchat, **extra, "echo": False})
+        assert r.status_code == 200 and r.json()["error_code"] == 0, r.text
+    lp = post(worker, "/worker_generate", {**fastchat, "logprobs": 2, "echo": False}).json()
+    assert len(lp["logprobs"]["tokens"]) == 4 and len(lp["logprobs"]["top_logprobs"][0]) == 2
+    assert idle(worker)
+
+
+def test_beam_search_returns_n_choices(worker: ServerProcess) -> None:
+    body = {
+        "model": "tiny", "prompt": "The sun", "max_tokens": 5, "temperature": 0,
+        "use_beam_search": True, "best_of": 3, "n": 2,
+    }  # fmt: skip
+    r = post(worker, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    chat = {k: v for k, v in body.items() if k != "prompt"} | {"messages": MESSAGES}
+    r = post(worker, "/v1/chat/completions", chat)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    fastchat = {"prompt": "The sun", "max_new_tokens": 4, "temperature": 0}
+    r = post(worker, "/worker_generate", {**fastchat, "use_beam_search": True, "best_of": 2})
+    assert r.status_code == 200 and r.json()["error_code"] == 0, r.text
+    assert idle(worker)
+
+
+def test_chat_template_flag_renders_fastchats_vicuna_format(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    with worker_process(
+        tmp_path, tiny_llama, None, model_names="tiny", chat_template="vicuna_v1.1", **ENGINE
+    ).start() as w:
+        conv = post(w, "/worker_get_conv_template", {}).json()["conv"]
+        assert conv["name"] == "vicuna_v1.1" and conv["sep_style"] == 2
+        assert conv["roles"] == ["USER", "ASSISTANT"] and conv["sep2"] == "</s>"
+        r = post(
+            w,
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        from transformers import AutoTokenizer
+
+        from pagedserve.engine.chat_templates import BUILTIN_TEMPLATES
+
+        tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+        text = BUILTIN_TEMPLATES["vicuna_v1.1"].get_prompt(None, ["Tell me about the sun", None])
+        assert text.endswith("USER: Tell me about the sun ASSISTANT:")
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(text))  # with BOS
+        bad = post(
+            w,
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]},
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
 def test_malformed_json_is_a_400_not_a_500(worker: ServerProcess) -> None:

@@ -25,6 +25,9 @@ class WorkerConfig:
     heartbeat_interval: float = 10.0
     # On SIGTERM: seconds to let requests in flight finish before they are aborted.
     drain_timeout: float = 30.0
+    # --chat-template: a built-in (FastChat) template's name or a Jinja file; None: the
+    # tokenizer's own template, else the built-in one the model's name matches.
+    chat_template: str | None = None
     # Keyword arguments of EngineConfig (model is model_path); see pagedserve.engine.
     engine: dict[str, Any] = field(default_factory=dict)
 
@@ -58,5 +61,7 @@ class WorkerConfig:
                 )
             host = f"[{self.host}]" if ":" in self.host else self.host
             self.worker_address = f"http://{host}:{self.port}"
+        if self.chat_template is not None and not str(self.chat_template).strip():
+            raise ValueError("chat_template must name a built-in template or a file")
         if "model" in self.engine:
             raise ValueError("engine settings take the model from model_path, not 'model'")

@@ -20,10 +20,19 @@ from pagedserve.controller.protocol import (
     GenerateParams,
     Usage,
 )
+from pagedserve.worker.openai_serving import finite_logprob
 from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream
 
 # FastChat's SeparatorStyle numbers (fastchat/conversation.py)
 _ADD_COLON_SINGLE, _CHATML = 1, 9
+_FASTCHAT_STYLES = {
+    "add_colon_single": 1,
+    "add_colon_two": 2,
+    "no_colon_single": 4,
+    "llama2": 7,
+    "chatml": 9,
+    "dolly": 11,
+}
 
 
 def frame(body: dict[str, Any]) -> bytes:
@@ -51,12 +60,43 @@ def conv_template_for(tokenizer: Any) -> ConvTemplate:
     return ConvTemplate(name="pagedserve-plain", sep_style=_ADD_COLON_SINGLE, stop_token_ids=eos)
 
 
+def conv_template_from(template: Any, tokenizer: Any) -> ConvTemplate:
+    """The FastChat conversation template of a resolved chat template: a built-in (FastChat)
+    format as itself, otherwise as `conv_template_for` approximates the tokenizer's."""
+    fmt = getattr(template, "format", None)
+    if fmt is None:
+        return conv_template_for(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop_ids = list(template.stop_token_ids) + [t for t in eos if t not in template.stop_token_ids]
+    stop_str: list[str] | str | None = list(fmt.stop_str) or None
+    if stop_str is not None and len(stop_str) == 1:
+        stop_str = stop_str[0]
+    return ConvTemplate(
+        name=fmt.name,
+        system_template=fmt.system_template,
+        system_message=fmt.system_message,
+        roles=list(fmt.roles),
+        sep_style=_FASTCHAT_STYLES.get(fmt.style.value, _ADD_COLON_SINGLE),
+        sep=fmt.sep,
+        sep2=fmt.sep2,
+        stop_str=stop_str,
+        stop_token_ids=stop_ids,
+    )
+
+
 class FastChatServing:
-    def __init__(self, engine: Any, requests: EngineRequests, model_names: list[str]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        requests: EngineRequests,
+        model_names: list[str],
+        chat_template: Any = None,
+    ) -> None:
         self.engine = engine
         self.requests = requests
         self.model_names = model_names
-        self.conv = conv_template_for(engine.tokenizer)
+        self.conv = conv_template_from(chat_template, engine.tokenizer)
+        self._token_strs: dict[int, str] = {}
 
     # -- small queries ----------------------------------------------------------------------
 
@@ -91,7 +131,8 @@ class FastChatServing:
                 param="model",
                 error_code=ErrorCode.INVALID_MODEL,
             )
-        unsupported = params.unsupported()
+        # penalties, logprobs, best_of and beam search go to the engine; images it cannot take
+        unsupported = [name for name in params.unsupported() if name == "images"]
         if unsupported:
             raise RequestError(
                 400,
@@ -118,10 +159,49 @@ class FastChatServing:
                 stop=params.stop or None,
                 stop_token_ids=params.stop_token_ids,
                 seed=params.seed,
+                presence_penalty=params.presence_penalty or 0.0,
+                frequency_penalty=params.frequency_penalty or 0.0,
+                repetition_penalty=1.0
+                if params.repetition_penalty is None
+                else params.repetition_penalty,
+                logprobs=params.logprobs,
+                best_of=params.best_of,
+                use_beam_search=bool(params.use_beam_search),
             )
         except ValueError as e:
             raise RequestError(400, str(e)) from e
         return prompt_ids, sampling
+
+    def _token_str(self, token_id: int) -> str:
+        text = self._token_strs.get(token_id)
+        if text is None:
+            tok = self.engine.tokenizer
+            piece = tok.convert_ids_to_tokens(token_id)
+            text = tok.decode([token_id], skip_special_tokens=False)
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            self._token_strs[token_id] = text
+        return text
+
+    def _logprobs(self, c: Any, params: GenerateParams) -> dict[str, list[Any]]:
+        """FastChat's (and OpenAI's legacy) logprobs object, cumulative like `text`."""
+        k = params.logprobs or 0
+        offset = len(params.prompt) if params.echo else 0
+        out: dict[str, list[Any]] = {
+            "text_offset": [],
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+        }
+        for token_id, entry in zip(c.token_ids, c.logprobs or [], strict=False):
+            text = self._token_str(token_id)
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            out["text_offset"].append(offset)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(finite_logprob(entry.get(token_id)))
+            out["top_logprobs"].append({self._token_str(t): finite_logprob(lp) for t, lp in top})
+            offset += len(text)
+        return out
 
     async def _frames(
         self, stream: RequestStream, params: GenerateParams, n_prompt: int
@@ -142,6 +222,8 @@ class FastChatServing:
                         total_tokens=n_prompt + len(c.token_ids),
                     ),
                 ).model_dump()
+                if params.logprobs is not None:
+                    body["logprobs"] = self._logprobs(c, params)
                 if out.finished:
                     yield frame(body)  # once without finish_reason, as FastChat's workers do
                     yield frame({**body, "finish_reason": c.finish_reason})

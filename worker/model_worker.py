@@ -69,8 +69,20 @@ class ModelWorker:
             return
         names = self.config.model_names
         self.requests = EngineRequests(self.engine, self.metrics)
-        self.fastchat = FastChatServing(self.engine, self.requests, names)
-        self.openai = OpenAIServing(self.engine, self.requests, names)
+        from pagedserve.engine.chat_templates import resolve_chat_template
+
+        try:
+            template = resolve_chat_template(
+                self.engine.tokenizer, names[0], self.config.chat_template
+            )
+        except ValueError as e:  # --chat-template names no built-in template and no file
+            logger.error("%s", e)
+            self.state, self.failure = "failed", str(e)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        self.fastchat = FastChatServing(self.engine, self.requests, names, template)
+        self.openai = OpenAIServing(self.engine, self.requests, names, template)
         if self.state == "loading":  # not told to stop meanwhile
             self.state = "ready"
         logger.info("worker %s ready: %s at %s", self.worker_id, names, self.config.worker_address)

@@ -2,14 +2,16 @@
 
 Each request goes through the same steps: validate (model, parameters the engine cannot do),
 convert (prompts to token ids, OpenAI parameters to SamplingParams, one engine request per
-prompt and per choice), start (bad input fails here, before any byte), then stream
+prompt whose `n` outputs are the choices), start (bad input fails here, before any byte), then stream
 (Server-Sent Events ending with `data: [DONE]`) or collect, and format.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -24,6 +26,9 @@ from pagedserve.api_gateway.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
+    ChatCompletionTokenLogprob,
+    ChoiceLogprobs,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -35,6 +40,7 @@ from pagedserve.api_gateway.protocol import (
     ModelCard,
     ModelList,
     SamplingFields,
+    TopLogprob,
     UsageInfo,
     random_id,
 )
@@ -42,6 +48,7 @@ from pagedserve.controller.protocol import ErrorCode
 from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream, merged
 
 DONE = "data: [DONE]\n\n"
+MAX_BEST_OF = 16  # as OpenAI's n: sequences one request may generate
 
 
 def sse(chunk: BaseModel | dict[str, Any]) -> str:
@@ -50,23 +57,58 @@ def sse(chunk: BaseModel | dict[str, Any]) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-class _Job:
-    """One engine request of an OpenAI request: which prompt, which choice."""
+def finite_logprob(logprob: float | None) -> float:
+    """A logprob JSON can carry: -inf and NaN (a degenerate penalty) become -9999.0, as
+    OpenAI's floor for impossible tokens."""
+    if logprob is None or not math.isfinite(logprob):
+        return -9999.0
+    return max(logprob, -9999.0)
 
-    def __init__(
-        self, index: int, prompt_index: int, prompt_ids: list[int], prompt_text: str | None
-    ):
-        self.index = index
+
+class _Job:
+    """One engine request of an OpenAI request: one prompt, whose `n` outputs are choices
+    prompt_index * n + output.index."""
+
+    def __init__(self, prompt_index: int, n: int, prompt_ids: list[int], prompt_text: str | None):
         self.prompt_index = prompt_index
+        self.n = n
         self.prompt_ids = prompt_ids
         self.prompt_text = prompt_text
 
+    def choice(self, output_index: int) -> int:
+        return self.prompt_index * self.n + output_index
+
+
+class _Progress:
+    """What a stream has sent of one choice: characters, tokens (for logprobs), the end."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.tokens = 0
+        self.started = False
+        self.finished = False
+
 
 class OpenAIServing:
-    def __init__(self, engine: Any, requests: EngineRequests, model_names: list[str]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        requests: EngineRequests,
+        model_names: list[str],
+        chat_template: Any = None,
+    ) -> None:
+        from pagedserve.engine.chat_templates import resolve_chat_template
+
         self.engine = engine
         self.requests = requests
         self.model_names = model_names
+        # Resolved once; a model without any template refuses chat requests, not its loading.
+        self.template = (
+            chat_template
+            if chat_template is not None
+            else resolve_chat_template(engine.tokenizer, model_names[0])
+        )
+        self._token_strs: dict[int, str] = {}
         # OpenAI's system_fingerprint: which backend configuration produced an answer.
         config = f"pagedserve:{model_names[0]}:{engine.max_model_len}"
         self.fingerprint = "fp_" + hashlib.sha256(config.encode()).hexdigest()[:10]
@@ -84,28 +126,29 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self._validate(req)
-        if req.logprobs:
-            raise RequestError(
-                400, "logprobs are not supported by pagedserve's engine yet", param="logprobs"
-            )
         if req.suffix:
             raise RequestError(400, "suffix is not supported", param="suffix")
         prompts = self._completion_prompts(req.prompt)
-        jobs, streams = await self._start(req, prompts, "/v1/completions")
+        jobs, streams = await self._start(req, prompts, "/v1/completions", req.logprobs)
         request_id = random_id("cmpl")
         if req.stream:
             return self._stream_completion(req, request_id, jobs, streams)
         outputs = await self._collect(streams)
-        choices = [
-            CompletionResponseChoice(
-                index=job.index,
-                text=(job.prompt_text or "") + out.outputs[0].text
-                if req.echo
-                else out.outputs[0].text,
-                finish_reason=out.outputs[0].finish_reason,
-            )
-            for job, out in zip(jobs, outputs, strict=True)
-        ]
+        choices = []
+        for job, out in zip(jobs, outputs, strict=True):
+            prefix = (job.prompt_text or "") if req.echo else ""
+            for c in out.outputs:
+                choices.append(
+                    CompletionResponseChoice(
+                        index=job.choice(c.index),
+                        text=prefix + c.text,
+                        logprobs=None
+                        if req.logprobs is None
+                        else self._completion_logprobs(c, 0, len(prefix), req.logprobs),
+                        finish_reason=c.finish_reason,
+                    )
+                )
+        choices.sort(key=lambda c: c.index)
         return CompletionResponse(
             id=request_id,
             model=req.model,
@@ -139,23 +182,39 @@ class OpenAIServing:
                 c.usage = usage
             return sse(c)
 
-        sent = [0] * len(jobs)
+        progress: dict[tuple[int, int], _Progress] = {}
         last: list[Any] = [None] * len(jobs)
         async with aclosing(self._guarded(streams)) as items:
             async for i, out in items:
                 if isinstance(out, str):  # an error event
                     yield out
                     continue
-                c, job = out.outputs[0], jobs[i]
-                echo = req.echo and last[i] is None
-                delta = ((job.prompt_text or "") if echo else "") + c.text[sent[i] :]
-                sent[i], last[i] = len(c.text), out
-                if delta or out.finished:
-                    finish = c.finish_reason if out.finished else None
+                job, last[i] = jobs[i], out
+                for c in out.outputs:
+                    p = progress.setdefault((i, c.index), _Progress())
+                    if p.finished:
+                        continue
+                    echo = (job.prompt_text or "") if req.echo and not p.started else ""
+                    delta = echo + c.text[p.chars :]
+                    new_tokens = len(c.token_ids) - p.tokens
+                    finished = c.finish_reason is not None
+                    if not (delta or finished or (req.logprobs is not None and new_tokens > 0)):
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        offset = p.chars + (len(job.prompt_text or "") if req.echo else 0)
+                        logprobs = self._completion_logprobs(
+                            c, p.tokens, offset + len(echo), req.logprobs
+                        )
+                    p.started, p.chars, p.tokens = True, len(c.text), len(c.token_ids)
+                    p.finished = finished
                     yield chunk(
                         [
                             CompletionResponseStreamChoice(
-                                index=job.index, text=delta, finish_reason=finish
+                                index=job.choice(c.index),
+                                text=delta,
+                                logprobs=logprobs,
+                                finish_reason=c.finish_reason if finished else None,
                             )
                         ]
                     )
@@ -167,10 +226,9 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self._validate(req)
-        if req.logprobs or req.top_logprobs:
-            raise RequestError(
-                400, "logprobs are not supported by pagedserve's engine yet", param="logprobs"
-            )
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
         if req.tools:
             raise RequestError(400, "tools are not supported by this worker", param="tools")
         if any(m.has_images() for m in req.messages):
@@ -178,18 +236,22 @@ class OpenAIServing:
                 400, "this model takes text only; remove image_url parts", param="messages"
             )
         prompt_ids = self._chat_prompt(req)
-        jobs, streams = await self._start(req, [(prompt_ids, None)], "/v1/chat/completions")
+        jobs, streams = await self._start(
+            req, [(prompt_ids, None)], "/v1/chat/completions", top, chat=True
+        )
         request_id = random_id("chatcmpl")
         if req.stream:
-            return self._stream_chat(req, request_id, jobs, streams)
+            return self._stream_chat(req, request_id, jobs, streams, top)
         outputs = await self._collect(streams)
         choices = [
             ChatCompletionResponseChoice(
-                index=job.index,
-                message=AssistantMessage(content=out.outputs[0].text),
-                finish_reason=out.outputs[0].finish_reason,
+                index=job.choice(c.index),
+                message=AssistantMessage(content=c.text),
+                logprobs=None if top is None else self._chat_logprobs(c, 0, top),
+                finish_reason=c.finish_reason,
             )
             for job, out in zip(jobs, outputs, strict=True)
+            for c in out.outputs
         ]
         return ChatCompletionResponse(
             id=request_id,
@@ -205,6 +267,7 @@ class OpenAIServing:
         request_id: str,
         jobs: list[_Job],
         streams: list[RequestStream],
+        top: int | None,
     ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
@@ -225,43 +288,55 @@ class OpenAIServing:
             return sse(c)
 
         for job in jobs:  # first, the role of every choice
-            yield chunk(
-                [
-                    ChatCompletionResponseStreamChoice(
-                        index=job.index,
-                        delta=DeltaMessage(role="assistant", content=""),
-                        finish_reason=None,
-                    )
-                ]
-            )
-        sent = [0] * len(jobs)
+            for k in range(job.n):
+                yield chunk(
+                    [
+                        ChatCompletionResponseStreamChoice(
+                            index=job.choice(k),
+                            delta=DeltaMessage(role="assistant", content=""),
+                            finish_reason=None,
+                        )
+                    ]
+                )
+        progress: dict[tuple[int, int], _Progress] = {}
         last: list[Any] = [None] * len(jobs)
         async with aclosing(self._guarded(streams)) as items:
             async for i, out in items:
                 if isinstance(out, str):
                     yield out
                     continue
-                c, job = out.outputs[0], jobs[i]
-                delta = c.text[sent[i] :]
-                sent[i], last[i] = len(c.text), out
-                if delta:
-                    yield chunk(
-                        [
-                            ChatCompletionResponseStreamChoice(
-                                index=job.index,
-                                delta=DeltaMessage(content=delta),
-                                finish_reason=None,
-                            )
-                        ]
-                    )
-                if out.finished:
-                    yield chunk(
-                        [
-                            ChatCompletionResponseStreamChoice(
-                                index=job.index, delta=DeltaMessage(), finish_reason=c.finish_reason
-                            )
-                        ]
-                    )
+                job, last[i] = jobs[i], out
+                for c in out.outputs:
+                    p = progress.setdefault((i, c.index), _Progress())
+                    if p.finished:
+                        continue
+                    delta = c.text[p.chars :]
+                    new_tokens = len(c.token_ids) - p.tokens
+                    if delta or (top is not None and new_tokens > 0):
+                        yield chunk(
+                            [
+                                ChatCompletionResponseStreamChoice(
+                                    index=job.choice(c.index),
+                                    delta=DeltaMessage(content=delta),
+                                    logprobs=None
+                                    if top is None
+                                    else self._chat_logprobs(c, p.tokens, top),
+                                    finish_reason=None,
+                                )
+                            ]
+                        )
+                    p.chars, p.tokens = len(c.text), len(c.token_ids)
+                    if c.finish_reason is not None:
+                        p.finished = True
+                        yield chunk(
+                            [
+                                ChatCompletionResponseStreamChoice(
+                                    index=job.choice(c.index),
+                                    delta=DeltaMessage(),
+                                    finish_reason=c.finish_reason,
+                                )
+                            ]
+                        )
         if include_usage and all(o is not None for o in last):
             yield chunk([], self._usage(jobs, last))
         yield DONE
@@ -277,38 +352,35 @@ class OpenAIServing:
                 error_code=ErrorCode.INVALID_MODEL,
                 openai_code="model_not_found",
             )
-        for name, neutral in (
-            ("presence_penalty", 0.0),
-            ("frequency_penalty", 0.0),
-            ("repetition_penalty", None),
-        ):
-            value = getattr(req, name)
-            if (
-                value is not None
-                and value != neutral
-                and not (name == "repetition_penalty" and value == 1.0)
-            ):
-                raise RequestError(
-                    400, f"{name} is not supported by pagedserve's engine yet", param=name
-                )
+        if req.best_of is not None and req.best_of > MAX_BEST_OF:
+            raise RequestError(
+                400, f"best_of must be at most {MAX_BEST_OF}, got {req.best_of}", param="best_of"
+            )
         if req.logit_bias:
-            raise RequestError(
-                400, "logit_bias is not supported by pagedserve's engine yet", param="logit_bias"
-            )
-        if req.best_of not in (None, 1):
-            raise RequestError(
-                400, "best_of > 1 is not supported by pagedserve's engine yet", param="best_of"
-            )
-        if req.use_beam_search:
-            raise RequestError(
-                400,
-                "use_beam_search is not supported by pagedserve's engine yet",
-                param="use_beam_search",
-            )
+            for key in req.logit_bias:
+                try:
+                    int(key)
+                except ValueError:
+                    raise RequestError(
+                        400,
+                        f"logit_bias keys must be token ids; got {key!r}",
+                        param="logit_bias",
+                    ) from None
 
-    def _sampling_params(self, req: SamplingFields, max_tokens: int | None, choice: int) -> Any:
+    def _sampling_params(
+        self,
+        req: SamplingFields,
+        max_tokens: int | None,
+        logprobs: int | None,
+        chat: bool = False,
+    ) -> Any:
         from pagedserve.engine import SamplingParams
 
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        stop_ids = list(req.stop_token_ids or [])
+        if chat:  # the chat template's own end-of-turn strings and tokens
+            stop += [s for s in self.template.stop if s not in stop]
+            stop_ids += [t for t in self.template.stop_token_ids if t not in stop_ids]
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else max(req.top_p, 1e-5)
         try:
@@ -319,12 +391,23 @@ class OpenAIServing:
                 min_p=req.min_p or 0.0,
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
-                stop=req.stop or None,
-                stop_token_ids=req.stop_token_ids,
+                stop=stop or None,
+                stop_token_ids=stop_ids,
                 ignore_eos=req.ignore_eos,
-                # each choice of n gets its own seed, so that seeded choices still differ
-                seed=None if req.seed is None else req.seed + choice,
+                seed=req.seed,
                 skip_special_tokens=req.skip_special_tokens,
+                n=req.n,
+                best_of=req.best_of,
+                use_beam_search=req.use_beam_search,
+                logprobs=logprobs,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=1.0
+                if req.repetition_penalty is None
+                else req.repetition_penalty,
+                logit_bias={int(k): v for k, v in req.logit_bias.items()}
+                if req.logit_bias
+                else None,
             )
         except ValueError as e:
             raise RequestError(400, str(e)) from e
@@ -346,36 +429,96 @@ class OpenAIServing:
         return out
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        from pagedserve.engine.chat_templates import JinjaChatTemplate
+
         tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise RequestError(
-                400,
-                "this model has no chat template, so /v1/chat/completions cannot build its "
-                "prompt; use /v1/completions with a prompt you format yourself",
-                param="messages",
-            )
+        template = self.template
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tok.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
+            if req.chat_template_kwargs and isinstance(template, JinjaChatTemplate):
+                source = {} if template.source is None else {"chat_template": template.source}
+                text = tok.apply_chat_template(
+                    messages,
+                    tokenize=False,
+                    add_generation_prompt=req.add_generation_prompt,
+                    **source,
+                    **req.chat_template_kwargs,
+                )
+            else:
+                text = template.render(messages, req.add_generation_prompt)
+        except Exception as e:  # no template, or it refuses (roles out of order, ...)
+            message = str(e)
+            if "chat template" not in message:
+                message = f"the chat template could not render these messages: {message}"
+            raise RequestError(400, message, param="messages") from e
+        return tok.encode(text, add_special_tokens=template.add_special_tokens)
+
+    # -- logprobs ---------------------------------------------------------------------------
+
+    def _token_str(self, token_id: int) -> str:
+        """A token's text as OpenAI shows it (a SentencePiece word start keeps its space)."""
+        text = self._token_strs.get(token_id)
+        if text is None:
+            tok = self.engine.tokenizer
+            piece = tok.convert_ids_to_tokens(token_id)
+            text = tok.decode([token_id], skip_special_tokens=False)
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            self._token_strs[token_id] = text
+        return text
+
+    @staticmethod
+    def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+    def _chat_logprobs(self, c: Any, start: int, k: int) -> ChoiceLogprobs:
+        content = []
+        for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+            text = self._token_str(token_id)
+            content.append(
+                ChatCompletionTokenLogprob(
+                    token=text,
+                    logprob=finite_logprob(entry.get(token_id)),
+                    bytes=list(text.encode("utf-8")),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=self._token_str(t),
+                            logprob=finite_logprob(lp),
+                            bytes=list(self._token_str(t).encode("utf-8")),
+                        )
+                        for t, lp in self._top(entry, k)
+                    ],
+                )
             )
-        except Exception as e:  # the template itself refuses (roles out of order, ...)
-            raise RequestError(
-                400, f"the chat template could not render these messages: {e}", param="messages"
-            ) from e
-        return tok.encode(text, add_special_tokens=False)
+        return ChoiceLogprobs(content=content)
+
+    def _completion_logprobs(self, c: Any, start: int, offset: int, k: int) -> CompletionLogprobs:
+        # every field set explicitly: streamed chunks leave out fields that were not set
+        out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+            text = self._token_str(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(finite_logprob(entry.get(token_id)))
+            top = {self._token_str(t): finite_logprob(lp) for t, lp in self._top(entry, k)}
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
 
     async def _start(
-        self, req: SamplingFields, prompts: list[tuple[list[int], str | None]], route: str
+        self,
+        req: SamplingFields,
+        prompts: list[tuple[list[int], str | None]],
+        route: str,
+        logprobs: int | None = None,
+        chat: bool = False,
     ) -> tuple[list[_Job], list[RequestStream]]:
         limit = self.engine.max_model_len
         jobs: list[_Job] = []
         engine_jobs = []
         base = random_id("req")
         max_tokens = req.output_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
+        params = self._sampling_params(req, max_tokens, logprobs, chat)
         for p, (ids, text) in enumerate(prompts):
             if len(ids) >= limit:
                 raise RequestError(
@@ -386,11 +529,8 @@ class OpenAIServing:
                     error_code=ErrorCode.CONTEXT_OVERFLOW,
                     openai_code="context_length_exceeded",
                 )
-            for choice in range(req.n):
-                job = _Job(len(jobs), p, ids, text)
-                jobs.append(job)
-                params = self._sampling_params(req, max_tokens, choice)
-                engine_jobs.append((ids, params, f"{base}-{job.index}"))
+            jobs.append(_Job(p, req.n, ids, text))
+            engine_jobs.append((ids, copy.deepcopy(params), f"{base}-{p}"))
         streams = await self.requests.start_all(engine_jobs, route)
         return jobs, streams
 
@@ -416,7 +556,7 @@ class OpenAIServing:
     @staticmethod
     def _usage(jobs: Sequence[_Job], outputs: Sequence[Any]) -> UsageInfo:
         prompt = sum(len(ids) for ids in {j.prompt_index: j.prompt_ids for j in jobs}.values())
-        completion = sum(len(o.outputs[0].token_ids) for o in outputs)
+        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return UsageInfo(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
