@@ -128,7 +128,7 @@ def test_greedy_is_temperature_zero() -> None:
         (dict(max_model_len=0), r"max_model_len must be at least 1, got 0"),
         (dict(kv_cache_memory=0), r"kv_cache_memory must be a positive number of bytes, got 0"),
         (dict(max_num_batched_tokens=0), r"max_num_batched_tokens must be at least 1, got 0"),
-        (dict(tensor_parallel_size=2), r"tensor_parallel_size > 1 is not supported"),
+        (dict(tensor_parallel_size=0), r"tensor_parallel_size must be at least 1"),
     ],
 )
 def test_bad_engine_config_raises_value_error_naming_the_field(kwargs, message) -> None:

@@ -105,8 +105,10 @@ def test_both_workers_register_and_stream_through_the_controller(cluster: Cluste
     assert all(w["kind"] == "pagedserve" and w["status"] == "ready" for w in registered.values())
     assert all(w["context_length"] == 512 for w in registered.values())
 
+    # Idle workers share new requests (a heartbeat landing between two picks may reset the
+    # dispatched counts, so the exact alternation is not guaranteed on a busy machine).
     picks = [cluster.address() for _ in range(4)]
-    assert sorted(picks) == sorted(w.url for w in cluster.workers * 2)  # idle: they alternate
+    assert set(picks) == {w.url for w in cluster.workers}
 
     body = {"model": "tiny", "prompt": "Hello", "max_new_tokens": 6, "temperature": 0}
     with httpx.stream("POST", cluster.url + "/worker_generate_stream", json=body, timeout=30) as r:
@@ -146,7 +148,9 @@ def test_least_load_sends_new_requests_to_the_idle_worker(cluster: Cluster) -> N
         wait_until(
             lambda: cluster.registered()[busy.url]["queue_length"] >= 3, 5, what="load reported"
         )
-        assert [cluster.address() for _ in range(3)] == [idle.url] * 3
+        # The held requests end by themselves after 480 tokens, so only the first pick after
+        # the load was reported is certain to see it.
+        assert cluster.address() == idle.url
     finally:
         stop.set()
         for t in holders:
