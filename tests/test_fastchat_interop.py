@@ -205,7 +205,7 @@ def test_fastchat_openai_server_gets_a_clear_error_for_bad_parameters(
         "model": "tiny",
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 8,
-        "presence_penalty": 1.5,
+        "stop": [""],  # FastChat passes it on; the worker refuses an empty stop string
     }
     r = httpx.post(fastchat_api.url + "/v1/chat/completions", json=body, timeout=60)
     # FastChat turns a worker's non-200 answer into its own error object; nothing hangs or 500s
