@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 
@@ -66,3 +71,50 @@ def print_table(rows: list[tuple], headers: tuple) -> None:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A server subprocess, ready when `ready_path` answers 200; always stopped."""
+
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, work: Path,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        log = work / f"{name}.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=work,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited while starting; see {log}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{name} not ready within 120 s; see {log}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def pagedserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pagedserve.deploy.cli", *args]

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,50 +22,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import Service, free_port, pagedserve, print_table, write_json
 
 POLICIES = ("round_robin", "least_load")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A pagedserve subprocess, ready when `ready_path` answers 200; always stopped."""
-
-    def __init__(self, args: list[str], port: int, ready_path: str, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers share the CPU fairly
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pagedserve.deploy.cli", *args, "--port", str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited while starting; see {log}")
-            try:
-                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"{args[0]} not ready within 120 s; see {log}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 async def one_request(
@@ -134,7 +90,7 @@ def main() -> None:
     ctl_port = free_port()
     controller_url = f"http://127.0.0.1:{ctl_port}"
     engine = ["--kv-cache-memory", str(64 << 20), "--max-model-len", "512"]
-    workers: list[Process] = []
+    workers: list[Service] = []
     results: dict[str, dict] = {}
     try:
         print(
@@ -142,35 +98,24 @@ def main() -> None:
             flush=True,
         )
         for seqs in (args.fast_seqs, args.slow_seqs):
-            workers.append(
-                Process(
-                    [
-                        "worker",
-                        "--model-path",
-                        str(model),
-                        "--model-names",
-                        "bench",
-                        "--controller-address",
-                        controller_url,
-                        "--heartbeat-interval",
-                        str(args.heartbeat_interval),
-                        "--max-num-seqs",
-                        str(seqs),
-                        *engine,
-                    ],
-                    free_port(),
-                    "/ready",
-                    work / f"worker-{seqs}.log",
-                )
-            )
+            port = free_port()
+            argv = pagedserve(
+                "worker", "--model-path", str(model), "--model-names", "bench",
+                "--controller-address", controller_url, "--heartbeat-interval",
+                str(args.heartbeat_interval), "--max-num-seqs", str(seqs), *engine,
+                "--port", str(port),
+            )  # fmt: skip
+            workers.append(Service(f"worker-{seqs}", argv, port, "/ready", work))
         speed = {
             workers[0].url: f"fast ({args.fast_seqs} seqs)",
             workers[1].url: f"slow ({args.slow_seqs} seq)",
         }
         for policy in POLICIES:
-            ctl = Process(
-                ["controller", "--dispatch-method", policy, "--health-check-interval", "1"],
-                ctl_port, "/health", work / f"controller-{policy}.log",
+            ctl = Service(
+                f"controller-{policy}",
+                pagedserve("controller", "--dispatch-method", policy,
+                           "--health-check-interval", "1", "--port", str(ctl_port)),
+                ctl_port, "/health", work,
             )  # fmt: skip
             try:
                 deadline = time.monotonic() + 10

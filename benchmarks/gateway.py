@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,58 +31,11 @@ import httpx
 from fastapi import FastAPI, Request  # module level: the stub's routes name them in annotations
 from fastapi.responses import StreamingResponse
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import Service, free_port, pagedserve, print_table, write_json
 
 FSCHAT_VERSION = "0.2.36"
 FSCHAT_DEPS = ["pydantic<2", "fastapi", "uvicorn", "httpx", "shortuuid", "requests", "aiohttp",
                "tiktoken"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    """A server subprocess, ready when `ready_path` answers 200; always stopped."""
-
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, work: Path,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        log = work / f"{name}.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=work,
-                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-            )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited while starting; see {log}")
-            try:
-                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"{name} not ready within 120 s; see {log}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def pagedserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pagedserve.deploy.cli", *args]
 
 
 def fschat_python() -> Path:
