@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -122,6 +122,28 @@ class OpenAIServing:
             ]
         )
 
+    def _chunker(
+        self, response_cls: type[BaseModel], model: str, request_id: str, include_usage: bool
+    ) -> Callable[..., str]:
+        """The SSE chunk maker of one stream: its id, creation time, model and fingerprint fixed."""
+        created = int(time.time())
+        kind = response_cls.model_fields["object"].default
+
+        def chunk(choices: list[Any], usage: UsageInfo | None = None) -> str:
+            c = response_cls(
+                id=request_id,
+                object=kind,  # set, not defaulted: `sse` leaves unset fields out
+                created=created,
+                model=model,
+                system_fingerprint=self.fingerprint,
+                choices=choices,
+            )
+            if include_usage:
+                c.usage = usage
+            return sse(c)
+
+        return chunk
+
     # -- /v1/completions --------------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -165,22 +187,7 @@ class OpenAIServing:
         streams: list[RequestStream],
     ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        created = int(time.time())
-
-        def chunk(
-            choices: list[CompletionResponseStreamChoice], usage: UsageInfo | None = None
-        ) -> str:
-            c = CompletionStreamResponse(
-                id=request_id,
-                object="text_completion",
-                created=created,
-                model=req.model,
-                system_fingerprint=self.fingerprint,
-                choices=choices,
-            )
-            if include_usage:
-                c.usage = usage
-            return sse(c)
+        chunk = self._chunker(CompletionStreamResponse, req.model, request_id, include_usage)
 
         progress: dict[tuple[int, int], _Progress] = {}
         last: list[Any] = [None] * len(jobs)
@@ -270,22 +277,7 @@ class OpenAIServing:
         top: int | None,
     ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        created = int(time.time())
-
-        def chunk(
-            choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None
-        ) -> str:
-            c = ChatCompletionStreamResponse(
-                id=request_id,
-                object="chat.completion.chunk",
-                created=created,
-                model=req.model,
-                system_fingerprint=self.fingerprint,
-                choices=choices,
-            )
-            if include_usage:
-                c.usage = usage
-            return sse(c)
+        chunk = self._chunker(ChatCompletionStreamResponse, req.model, request_id, include_usage)
 
         for job in jobs:  # first, the role of every choice
             for k in range(job.n):
