@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import build_random_llama, print_table, write_json
+from benchmarks.common import build_random_model, print_table, write_json
 from pagedserve.engine import EngineConfig, LLMEngine, SamplingParams
 
 DATASETS = {"alpaca": (19.31, 58.45), "sharegpt": (161.31, 337.99)}
@@ -202,8 +202,8 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="write the figures as a PNG")
     args = ap.parse_args()
     root = Path(tempfile.gettempdir()) / "pagedserve-bench"
-    tiny = build_random_llama(root / "memory-tiny", 64, 2, 4, 2, 172, 1024)
-    medium = build_random_llama(root / "llama-h512-l8-a8-kv4-i1376-v8192", 512, 8, 8, 4, 1376, 8192)
+    tiny = build_random_model("llama", root, 64, 2, 4, 2, 172, 1024)
+    medium = build_random_model("llama", root, 512, 8, 8, 4, 1376, 8192)
 
     results = {"waste": [], "sharing": []}
     for dataset in DATASETS:

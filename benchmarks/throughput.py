@@ -1,10 +1,10 @@
 """Offline throughput: pagedserve versus `transformers` generate, on one workload, in one run.
 
-    python benchmarks/throughput.py [--num-prompts 64] [--json out.json]
+    python -m benchmarks.throughput [--arch llama|gpt2|...|all] [--num-prompts 64] [--json out.json]
 
 Prints output tokens/s of pagedserve, of transformers one request at a time, and of
 transformers on one left-padded batch, the ratios, the peak KV waste, and the machine's bound
-(the model's matmuls alone at ideal batching)."""
+(the model's matmuls alone at ideal batching); with several --arch, a summary row per model."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import (
-    build_random_llama,
+    build_random_model,
     matmul_bound_seconds,
     print_table,
     random_prompts,
@@ -150,57 +150,11 @@ def run_hf_batch(path, prompts, output_len, dtype) -> dict:
             "kv_waste_at_end": waste}  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--min-prompt-len", type=int, default=32)
-    ap.add_argument("--max-prompt-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--kv-cache-memory", type=int, default=None)
-    ap.add_argument("--tensor-parallel-size", type=int, default=1,
-                    help="ranks to split pagedserve's model over (Ray; the baselines run unsplit)")  # fmt: skip
-    ap.add_argument("--model", default=None,
-                    help="a model folder or .gguf file, or 'smollm2' (else a random Llama)")  # fmt: skip
-    ap.add_argument("--serial-prompts", type=int, default=None,
-                    help="time transformers one-at-a-time on only the first N prompts (a rate)")  # fmt: skip
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print a cProfile of the pagedserve run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-
-    if args.model == "smollm2":
-        from pagedserve.deploy.model_store import fetch_model
-
-        path = fetch_model("smollm2-135m-instruct")
-    elif args.model:
-        path = Path(args.model)
-    else:
-        name = f"llama-h{args.hidden}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate}-v{args.vocab}"
-        path = build_random_llama(
-            Path(tempfile.gettempdir()) / "pagedserve-bench" / name, args.hidden, args.layers,
-            args.heads, args.kv_heads, args.intermediate, args.vocab,
-        )  # fmt: skip
+def benchmark(path: Path, prompts: list[list[int]], args) -> dict:
+    """Every system on one model and workload; prints the model's table, returns its figures."""
     dtype = getattr(torch, args.dtype)
-    vocab = args.vocab if not args.model else 1000  # ordinary token ids of any tokenizer
-    prompts = random_prompts(
-        args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed
-    )
     n_out = args.output_len
-
-    print(f"model {path.name}, {len(prompts)} prompts of {args.min_prompt_len}..{args.max_prompt_len} "
+    print(f"\nmodel {path.name}, {len(prompts)} prompts of {args.min_prompt_len}..{args.max_prompt_len} "
           f"tokens, {n_out} output tokens each, {args.dtype}, {torch.get_num_threads()} threads")  # fmt: skip
     paged = run_pagedserve(path, prompts, n_out, args)
     hf_config = paged.pop("hf_config")
@@ -212,29 +166,19 @@ def main() -> None:
         serial_prompts = prompts[: args.serial_prompts] if args.serial_prompts else prompts
         results["hf_serial"] = run_hf_serial(path, serial_prompts, n_out, dtype)
         results["hf_batch"] = run_hf_batch(path, prompts, n_out, dtype)
-
-    if not args.skip_hf:
         ttft = chat_ttft(engine, load_hf(path, dtype))
         if ttft:
             results["chat_ttft"] = ttft
-    rows = []
-    for name, r in results.items():
-        if "tokens_per_s" not in r:
-            continue
-        ratios = {
-            k: r["tokens_per_s"] / results[k]["tokens_per_s"]
-            for k in ("hf_serial", "hf_batch")
-            if k in results
-        }
-        rows.append((name, f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.0f}",
-                     *(f"{ratios[k]:.2f}x" for k in ("hf_serial", "hf_batch") if k in results)))  # fmt: skip
-    headers = (
-        "system",
-        "seconds",
-        "output tok/s",
-        *(f"vs {k}" for k in ("hf_serial", "hf_batch") if k in results),
-    )
-    print_table(rows, headers)
+    engine.shutdown()  # stops the tensor-parallel ranks, if any
+
+    baselines = [k for k in ("hf_serial", "hf_batch") if k in results]
+    rows = [
+        (name, f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.0f}",
+         *(f"{r['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x" for k in baselines))
+        for name, r in results.items()
+        if "tokens_per_s" in r
+    ]  # fmt: skip
+    print_table(rows, ("system", "seconds", "output tok/s", *(f"vs {k}" for k in baselines)))
     print(f"pagedserve KV waste: mean {paged['mean_kv_waste']:.2%}, peak {paged['peak_kv_waste']:.2%} "
           f"(block size {args.block_size}), "
           f"{paged['steps']} steps ({paged['ms_per_step']:.1f} ms each, tensor_parallel_size "
@@ -247,9 +191,95 @@ def main() -> None:
         t = results["chat_ttft"]
         print(f"chat time to first token ({t['prompt_tokens']} prompt tokens): pagedserve "
               f"{t['pagedserve_s'] * 1000:.0f} ms, transformers {t['hf_s'] * 1000:.0f} ms")  # fmt: skip
-    results["workload"] = {k: v for k, v in vars(args).items() if k != "json"}
-    write_json(args.json, results)
-    engine.shutdown()  # stops the tensor-parallel ranks, if any
+    return results
+
+
+def print_summary(runs: dict[str, dict]) -> None:
+    """One row per model: pagedserve's rate, its ratios, and how near the bound it came."""
+    rows = []
+    for name, r in runs.items():
+        rate = r["pagedserve"]["tokens_per_s"]
+        ratios = [f"{rate / r[k]['tokens_per_s']:.2f}x" if k in r else "-"
+                  for k in ("hf_serial", "hf_batch")]  # fmt: skip
+        bound = r["matmul_bound"]["tokens_per_s"]
+        rows.append((name, f"{rate:.0f}", *ratios, f"{bound:.0f}", f"{rate / bound:.0%}"))
+    print("\nsummary (output tokens/s)")
+    print_table(rows, ("model", "pagedserve", "vs hf_serial", "vs hf_batch", "matmul bound",
+                       "of bound"))  # fmt: skip
+
+
+def main() -> None:
+    from pagedserve.deploy.make_model import ARCHS
+
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--min-prompt-len", type=int, default=32)
+    ap.add_argument("--max-prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--arch", default="llama",
+                    help=f"random model architecture(s), comma-separated or 'all': {', '.join(ARCHS)}")  # fmt: skip
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument(
+        "--kv-heads", type=int, default=4, help="(families with grouped-query attention)"
+    )
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", type=int, default=None)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks to split pagedserve's model over (Ray; the baselines run unsplit)")  # fmt: skip
+    ap.add_argument("--model", default=None,
+                    help="a model folder or .gguf file, or 'smollm2' (instead of random --arch models)")  # fmt: skip
+    ap.add_argument("--serial-prompts", type=int, default=None,
+                    help="time transformers one-at-a-time on only the first N prompts (a rate)")  # fmt: skip
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the pagedserve run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    if args.model == "smollm2":
+        from pagedserve.deploy.model_store import fetch_model
+
+        models = {"smollm2": fetch_model("smollm2-135m-instruct")}
+    elif args.model:
+        models = {Path(args.model).name: Path(args.model)}
+    else:
+        archs = list(ARCHS) if args.arch == "all" else args.arch.split(",")
+        unknown = [a for a in archs if a not in ARCHS]
+        if unknown:
+            ap.error(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)} or all")
+        root = Path(tempfile.gettempdir()) / "pagedserve-bench"
+        models = {
+            arch: build_random_model(
+                arch,
+                root,
+                args.hidden,
+                args.layers,
+                args.heads,
+                args.kv_heads,
+                args.intermediate,
+                args.vocab,
+            )  # fmt: skip
+            for arch in archs
+        }
+    vocab = args.vocab if not args.model else 1000  # ordinary token ids of any tokenizer
+    prompts = random_prompts(
+        args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed
+    )
+    runs = {name: benchmark(path, prompts, args) for name, path in models.items()}
+    if len(runs) > 1:
+        print_summary(runs)
+    write_json(
+        args.json, {"runs": runs, "workload": {k: v for k, v in vars(args).items() if k != "json"}}
+    )
 
 
 if __name__ == "__main__":

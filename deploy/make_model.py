@@ -8,7 +8,7 @@ the corpus shipped in `data/corpus.txt`. The same inputs always give byte-identi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,21 @@ class ArchSpec:
     config_cls: type[PretrainedConfig]
     model_cls: type[PreTrainedModel]
     presets: dict[str, dict[str, Any]]
+    # A size field (see SIZE_FIELDS) -> this config class's name for it, where it differs;
+    # None where the family has no such field (no GQA: every head has its own KV).
+    size_names: dict[str, str | None] = field(default_factory=dict)
+
+
+# The sizes `sized()` sets on any architecture, by their Llama names.
+SIZE_FIELDS = {
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "max_positions": "max_position_embeddings",
+    "init_std": "initializer_range",
+}
 
 
 # Add an architecture by adding a row; preset kwargs use that config class's own names.
@@ -149,6 +164,7 @@ ARCHS: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec(
         config_cls=GPTNeoXConfig,
         model_cls=GPTNeoXForCausalLM,
+        size_names={"kv_heads": None},
         presets={
             # Pythia's layout: parallel residual, a quarter of each head rotated.
             "tiny": dict(
@@ -212,6 +228,14 @@ ARCHS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         config_cls=GPT2Config,
         model_cls=GPT2LMHeadModel,
+        size_names={
+            "hidden": "n_embd",
+            "intermediate": "n_inner",
+            "layers": "n_layer",
+            "heads": "n_head",
+            "kv_heads": None,
+            "max_positions": "n_positions",
+        },
         presets={
             "tiny": dict(
                 n_embd=72,
@@ -227,6 +251,7 @@ ARCHS: dict[str, ArchSpec] = {
     "opt": ArchSpec(
         config_cls=OPTConfig,
         model_cls=OPTForCausalLM,
+        size_names={"intermediate": "ffn_dim", "kv_heads": None, "init_std": "init_std"},
         presets={
             # OPT-125m's layout: pre-norm, tied embeddings.
             "tiny": dict(
@@ -267,6 +292,28 @@ def _spec(arch: str, preset: str) -> tuple[ArchSpec, dict[str, Any]]:
             f"allowed presets: {', '.join(spec.presets)}"
         )
     return spec, kwargs
+
+
+def sized(arch: str, **sizes: int | float) -> dict[str, Any]:
+    """Config overrides that give `arch` the sizes named by SIZE_FIELDS' keys (hidden=512,
+    layers=8, ...), in that family's own field names; for `build_model(overrides=...)`.
+    kv_heads is dropped for families without grouped-query attention. Mistral gets its real
+    configs' head_dim (hidden / heads) and Mistral 7B's 4096-token sliding window instead of
+    the tiny preset's (which exists to exercise the window in tests)."""
+    spec, _ = _spec(arch, "tiny")
+    unknown = set(sizes) - set(SIZE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown size fields {sorted(unknown)}; known: {list(SIZE_FIELDS)}")
+    overrides = {}
+    for key, value in sizes.items():
+        name = spec.size_names.get(key, SIZE_FIELDS[key])
+        if name is not None:
+            overrides[name] = value
+    if arch == "mistral":
+        overrides["sliding_window"] = 4096
+        if "hidden" in sizes and "heads" in sizes:
+            overrides["head_dim"] = sizes["hidden"] // sizes["heads"]
+    return overrides
 
 
 def train_tokenizer() -> PreTrainedTokenizerFast:

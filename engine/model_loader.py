@@ -73,10 +73,16 @@ def check_tensor_parallel(config: EngineConfig) -> None:
     MLP rows), with a ValueError, before any rank starts: the model is built on the meta
     device, which allocates nothing."""
     _, _, hf_config = _read_config(config)
-    cls = model_class(hf_config)
     _max_model_len(config, hf_config)
-    _build(cls, hf_config, torch.float32, torch.device("meta"),
-           ParallelContext(0, config.tensor_parallel_size))  # fmt: skip
+    meta_model(hf_config, config.tensor_parallel_size)
+
+
+def meta_model(hf_config, tensor_parallel_size: int = 1) -> nn.Module:
+    """The engine's model for `hf_config` (rank 0's shard) on the meta device: its layers and
+    shapes, no memory. Raises ValueError for an unsupported architecture or a split the
+    model's heads or rows do not allow."""
+    return _build(model_class(hf_config), hf_config, torch.float32, torch.device("meta"),
+                  ParallelContext(0, tensor_parallel_size))  # fmt: skip
 
 
 def _read_config(config: EngineConfig) -> tuple[Path, Path | None, object]:

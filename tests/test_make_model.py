@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pagedserve.deploy.make_model import build_model
+from pagedserve.deploy.make_model import ARCHS, build_model, sized
+from pagedserve.engine.model_loader import meta_model
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -197,3 +199,27 @@ def test_cli_make_model_rejects_unknown_arch(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["make-model", "--arch", "gpt5", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "supported archs: llama" in result.output
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_sized_gives_every_family_the_asked_sizes(arch: str) -> None:
+    """What benchmarks/throughput.py --arch relies on: one set of sizes, each family's names."""
+    spec = ARCHS[arch]
+    overrides = sized(arch, hidden=96, layers=3, heads=4, kv_heads=2, intermediate=200,
+                      max_positions=640)  # fmt: skip
+    config = spec.config_cls(**{**spec.presets["tiny"], **overrides})
+    config.architectures = [spec.model_cls.__name__]
+    model = meta_model(config)  # the engine's own layers for that config
+    assert len(model.model.layers) == 3
+    assert config.max_position_embeddings == 640
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert (200, 96) in shapes  # the MLP's down projection: intermediate -> hidden
+    qkv_out = {out for inp, out in shapes if inp == 96 and out not in (200, 400)}
+    head_dim = 96 // 4
+    kv_heads = 4 if spec.size_names.get("kv_heads", "") is None else 2
+    assert (4 + 2 * kv_heads) * head_dim in qkv_out
+
+
+def test_sized_refuses_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="unknown size fields"):
+        sized("llama", width=3)
