@@ -49,13 +49,17 @@ class AsyncEngine:
         """False once shut down or once the engine has died (a tensor-parallel rank failed)."""
         return not self._stopped and self.engine.is_healthy
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError, saying why, unless the engine can serve."""
+        if self._stopped:
+            raise EngineDeadError("the engine has been shut down")
+        self.engine.check_health()
+
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; bad input raises before the first one."""
-        if self._stopped:
-            raise EngineDeadError("the engine has been shut down")
-        self.engine.check_health()
+        self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = self.engine.make_sequence(request_id, prompt, params)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -46,9 +47,10 @@ def prompts() -> list[list[int]]:
     return [torch.randint(5, 1000, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def ray_descendants() -> list[str]:
-    """Live processes started (at any depth) by this test process that belong to Ray:
-    the local cluster's daemons and its workers, our ranks among them."""
+def ray_descendants(root: int | None = None) -> list[str]:
+    """Live processes started (at any depth) by `root` (default: this test process) that
+    belong to Ray, as "pid: command": the local cluster's daemons and its workers, our ranks
+    among them."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -60,7 +62,7 @@ def ray_descendants() -> list[str]:
         fields = stat.rsplit(")", 1)[1].split()
         if fields[0] != "Z":
             parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [os.getpid()]
+    found, todo = [], [root or os.getpid()]
     while todo:
         for child in parents.get(todo.pop(), []):
             todo.append(child)
@@ -402,3 +404,33 @@ def test_a_failure_after_the_ranks_started_stops_them_all(shared_ray, tiny_llama
     while ranks := [p for p in ray_descendants() if p not in before and "RankWorker" in p]:
         assert time.monotonic() < deadline, f"ranks left behind: {ranks}"
         time.sleep(0.2)
+
+
+def test_a_worker_whose_rank_dies_leaves_the_registry_and_exits(tiny_llama, tmp_path):
+    """With no request in flight, the worker notices its engine died: it leaves the
+    controller's registry (nothing is routed to it) and exits with an error, for a
+    supervisor to start a new one."""
+    from servers import controller_process, wait_until, worker_process
+
+    controller = controller_process(tmp_path).start()
+    worker = worker_process(tmp_path, tiny_llama, controller.url, tensor_parallel_size=2,
+                            max_model_len=256, kv_cache_memory=1 << 22)  # fmt: skip
+    try:
+        worker.start(timeout=150)
+        models = lambda: httpx.post(controller.url + "/list_models").json()["models"]  # noqa: E731
+        wait_until(models, 10, what="the worker registered")
+        worker_ray = ray_descendants(worker.proc.pid)
+        ranks = [p for p in worker_ray if "RankWorker" in p]
+        assert len(ranks) == 1, worker_ray
+        os.kill(int(ranks[0].split(":")[0]), signal.SIGKILL)
+        assert worker.wait(60) == 1, worker.log_tail()
+        assert models() == []
+        assert "worker failed: the engine has stopped" in worker.log_tail()
+    finally:
+        worker.stop()
+        controller.stop()
+    pids = [int(p.split(":")[0]) for p in worker_ray]
+    deadline = time.monotonic() + 15
+    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"the worker's Ray outlived it: {left}"

@@ -113,8 +113,11 @@ def create_app(config: WorkerConfig, engine_factory: EngineFactory | None = None
     # -- process state ----------------------------------------------------------------------
 
     @app.get("/health")
-    async def health(w: Worker) -> dict[str, str]:
-        return {"status": "ok", "state": w.state}
+    async def health(w: Worker) -> JSONResponse:
+        """Liveness: 503 once the worker has failed (its process is on its way out)."""
+        failed = w.state == "failed"
+        body = {"status": "failed" if failed else "ok", "state": w.state}
+        return JSONResponse(body, status_code=503 if failed else 200)
 
     @app.get("/ready")
     async def ready(w: Worker) -> JSONResponse:

@@ -1,7 +1,9 @@
 """One model worker's life: load the engine, serve, report load, drain, stop.
 
-States: loading -> ready -> draining -> stopped (or loading -> failed). Only a ready worker
-takes generation requests; /ready answers 200 only then.
+States: loading -> ready -> draining -> stopped, or -> failed when the model cannot load or
+the engine dies (a tensor-parallel rank failed): a failed worker leaves the registry and its
+process exits with an error, for a supervisor to start a new one. Only a ready worker takes
+generation requests; /ready answers 200 only then.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pagedserve.worker.requests import EngineRequests, RequestError
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Any]
+
+ENGINE_CHECK_INTERVAL = 1.0  # seconds between checks that the engine still serves
 
 
 def default_engine_factory(config: WorkerConfig) -> EngineFactory:
@@ -53,6 +57,7 @@ class ModelWorker:
         self.openai: OpenAIServing | None = None
         self.link: ControllerLink | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by the server: exit the process
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- life -------------------------------------------------------------------------------
 
@@ -63,9 +68,7 @@ class ModelWorker:
             self.engine = await asyncio.to_thread(self.engine_factory)
         except Exception as e:
             logger.exception("the engine failed to load")
-            self.state, self.failure = "failed", f"{type(e).__name__}: {e}"
-            if self.on_fatal is not None:
-                self.on_fatal()
+            await self._fail(f"the model failed to load ({type(e).__name__}: {e})")
             return
         names = self.config.model_names
         self.requests = EngineRequests(self.engine, self.metrics)
@@ -76,15 +79,13 @@ class ModelWorker:
                 self.engine.tokenizer, names[0], self.config.chat_template
             )
         except ValueError as e:  # --chat-template names no built-in template and no file
-            logger.error("%s", e)
-            self.state, self.failure = "failed", str(e)
-            if self.on_fatal is not None:
-                self.on_fatal()
+            await self._fail(str(e))
             return
         self.fastchat = FastChatServing(self.engine, self.requests, names, template)
         self.openai = OpenAIServing(self.engine, self.requests, names, template)
         if self.state == "loading":  # not told to stop meanwhile
             self.state = "ready"
+            self._watcher = asyncio.create_task(self._watch_engine())
         logger.info("worker %s ready: %s at %s", self.worker_id, names, self.config.worker_address)
         if self.config.controller_address is not None and self.state == "ready":
             self.link = ControllerLink(
@@ -96,6 +97,29 @@ class ModelWorker:
             )
             await self.link.register()
             self.link.start()
+
+    async def _watch_engine(self) -> None:
+        """A dead engine does not come back: fail the worker as soon as it is noticed, rather
+        than keep answering ready and take requests that can only fail."""
+        while self.state in ("ready", "draining"):
+            try:
+                self.engine.check_health()
+            except Exception as e:
+                if self.state in ("ready", "draining"):  # not stopped meanwhile
+                    await self._fail(str(e))
+                return
+            await asyncio.sleep(ENGINE_CHECK_INTERVAL)
+
+    async def _fail(self, reason: str) -> None:
+        """Leave the registry (so nothing is routed here), answer 503 saying why, and have
+        the server exit with an error."""
+        logger.error("worker failed: %s", reason)
+        self.state, self.failure = "failed", reason
+        if self.link is not None:
+            await self.link.stop()
+            await self.link.unregister()
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests, tell the controller, let those in flight finish (at most
@@ -123,6 +147,8 @@ class ModelWorker:
         if self.link is not None:
             await self.link.stop()
         self.state = "stopped" if self.state != "failed" else self.state
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.engine is not None:
             await self.engine.shutdown()
 
@@ -176,7 +202,7 @@ class ModelWorker:
         reason = {
             "loading": "the model is still loading",
             "draining": "this worker is draining and takes no new requests",
-            "failed": f"the model failed to load ({self.failure})",
+            "failed": f"this worker has failed: {self.failure}",
         }.get(self.state, "this worker is shutting down")
         return RequestError(
             503,
