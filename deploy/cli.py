@@ -168,6 +168,11 @@ def worker(
     ray_address: str | None = typer.Option(
         None, help="With --tensor-parallel-size > 1: join this Ray cluster [default: a local Ray]."
     ),
+    cpu_threads: int | None = typer.Option(
+        None,
+        help="Threads for the CPU matmuls [default: one per core]; split the cores "
+        "between the workers of one machine.",
+    ),
     seed: int = typer.Option(0, help="Engine seed."),
     chat_template: str | None = typer.Option(
         None,
@@ -188,6 +193,7 @@ def worker(
         "max_num_batched_tokens": max_num_batched_tokens,
         "tensor_parallel_size": tensor_parallel_size,
         "ray_address": ray_address,
+        "cpu_threads": cpu_threads,
         "seed": seed,
     }
     try:

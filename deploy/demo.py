@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def run_demo(wait: bool = True) -> None:
                 "2048",
                 "--kv-cache-memory",
                 str(256 << 20),
+                "--cpu-threads",  # the workers share the cores instead of fighting over them
+                str(max(1, (os.cpu_count() or 1) // len(models))),
             )  # fmt: skip
             for i, (name, path) in enumerate(models.items())
         ]

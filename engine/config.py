@@ -26,6 +26,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks to split the model over; > 1 runs them on Ray
     ray_address: str | None = None  # join this Ray cluster; default: start a local one
     distributed_timeout: float = 60.0  # seconds any collective between ranks may wait
+    # Threads each rank's CPU matmuls use; default: torch's (one per core). Several workers
+    # (or ranks) on one machine should split the cores: oversubscribed OpenMP threads spin
+    # against each other and can run several times slower than one thread each.
+    cpu_threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +69,12 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
             )
+        if self.cpu_threads is not None and (
+            isinstance(self.cpu_threads, bool)
+            or not isinstance(self.cpu_threads, int)
+            or self.cpu_threads < 1
+        ):
+            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads!r}")
         if self.ray_address is not None and not str(self.ray_address).strip():
             raise ValueError("ray_address is empty; leave it out to start a local Ray")
         if not self.distributed_timeout > 0:

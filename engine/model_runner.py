@@ -47,6 +47,8 @@ class ModelRunner:
         self.device = config.torch_device
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
+            if config.cpu_threads is not None:
+                torch.set_num_threads(config.cpu_threads)
         self.model: nn.Module = loaded.model
         self.dtype = loaded.dtype
         self.block_size = config.block_size

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import InvalidRequestError, LLMEngine
@@ -291,3 +292,23 @@ def test_kv_budget_of_exactly_one_max_model_len_sequence_serves_it(tiny_llama: P
 def test_kv_budget_smaller_than_one_block_is_refused(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match="holds no block"):
         LLMEngine(EngineConfig(model=str(tiny_llama), kv_cache_memory=100))
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "2"])
+def test_bad_cpu_threads_are_refused(threads) -> None:
+    with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
+        EngineConfig(model="m", cpu_threads=threads)
+
+
+def test_cpu_threads_sets_the_threads_the_engine_steps_with(tiny_llama: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        engine = LLMEngine(
+            EngineConfig(model=str(tiny_llama), kv_cache_memory=KV_CACHE_MEMORY, cpu_threads=1)
+        )
+        assert torch.get_num_threads() == 1
+        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        torch.set_num_threads(before)
