@@ -49,6 +49,8 @@ class ModelRunner:
             keep_freed_memory_in_heap()
             if config.cpu_threads is not None:
                 torch.set_num_threads(config.cpu_threads)
+        # Chosen (and on a CPU, built or loaded) now rather than inside the first request.
+        logger.info("attention backend: %s", kernels.attention_backend(self.device))
         self.model: nn.Module = loaded.model
         self.dtype = loaded.dtype
         self.block_size = config.block_size

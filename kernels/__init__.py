@@ -1,10 +1,12 @@
 """Attention and cache kernels behind one interface.
 
 The PyTorch reference (`reference.py`) runs anywhere and is the specification; the Triton
-kernels (`triton/`) implement the same functions for GPUs. Each call picks a backend from the
-device of its tensors: Triton on CUDA when the `triton` package is installed, the reference
-elsewhere. `PAGEDSERVE_ATTENTION_BACKEND=torch|triton` forces one (Triton on CPU tensors then
-needs `TRITON_INTERPRET=1`, Triton's interpreter). Callers never learn which one ran.
+kernels (`triton/`) implement the same functions for GPUs, and `cpu/` a C++ decode attention
+for CPUs (compiled on first use). Each call picks a backend from the device of its tensors:
+Triton on CUDA when the `triton` package is installed, the C++ kernel on CPU when it builds,
+the reference otherwise. `PAGEDSERVE_ATTENTION_BACKEND=torch|cpu|triton` forces one (Triton on
+CPU tensors then needs `TRITON_INTERPRET=1`, Triton's interpreter). Callers never learn which
+one ran.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from pagedserve.kernels import reference
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 ENV_VAR = "PAGEDSERVE_ATTENTION_BACKEND"
 
 
@@ -29,7 +31,8 @@ def triton_installed() -> bool:
 
 def attention_backend(device: torch.device | str | None = None) -> str:
     """The backend that runs kernels on `device`'s tensors: the env override if set, else
-    "triton" on CUDA (when installed), else "torch"."""
+    "triton" on CUDA (when installed), "cpu" on a CPU (when its kernel builds; the first call
+    builds it), else "torch"."""
     forced = os.environ.get(ENV_VAR)
     if forced:
         if forced not in BACKENDS:
@@ -39,18 +42,32 @@ def attention_backend(device: torch.device | str | None = None) -> str:
                 f"{ENV_VAR}=triton, but the triton package is not installed "
                 "(pip install 'pagedserve[triton]')"
             )
+        if forced == "cpu" and not _cpu_kernels().available():
+            raise ValueError(
+                f"{ENV_VAR}=cpu, but the CPU kernel cannot be built here (see the log)"
+            )
         return forced
-    if device is not None and torch.device(device).type == "cuda" and triton_installed():
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if device_type == "cuda" and triton_installed():
         return "triton"
+    if device_type == "cpu" and _cpu_kernels().available():
+        return "cpu"
     return "torch"
 
 
+def _cpu_kernels() -> ModuleType:
+    from pagedserve.kernels import cpu
+
+    return cpu
+
+
 def _impl(tensor: torch.Tensor) -> ModuleType:
-    if attention_backend(tensor.device) == "triton":
+    backend = attention_backend(tensor.device)
+    if backend == "triton":
         from pagedserve.kernels import triton as triton_kernels  # imported on first use only
 
         return triton_kernels
-    return reference
+    return _cpu_kernels() if backend == "cpu" else reference
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:

@@ -1,0 +1,111 @@
+"""The CPU decode-attention kernel (kernels/cpu/, C++ built on first use) against the PyTorch
+reference: decode rows read in place from NaN-poisoned paged caches, mixed batches, GQA
+ratios, odd head dims, sliding windows, bfloat16; and the fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_cases import MIXED, make_case
+
+from pagedserve import kernels
+from pagedserve.kernels import cpu
+from pagedserve.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ toolchain to build the kernel")
+
+
+def check(seqs, *, window=None, dtype=torch.float32, clean=False, **case):
+    """`clean`: NaN-free caches, for batches with prefill rows (the reference computes those,
+    and it multiplies masked slots by zero)."""
+    args = make_case(seqs, dtype=dtype, **case)
+    if clean:
+        args = [t.nan_to_num() if t.is_floating_point() else t for t in args]
+    scale = args[0].shape[-1] ** -0.5
+    got = cpu.paged_attention(*args, scale, sliding_window=window)
+    want = ref.paged_attention(
+        *[t.float().nan_to_num() if t.is_floating_point() else t for t in args], scale,
+        sliding_window=window,
+    )  # fmt: skip
+    assert got.shape == args[0].shape and got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+DECODES = [(ctx, 1) for ctx in (1, 7, 8, 16, 17, 31, 64, 65, 200)]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "num_heads", "num_kv_heads", "head_dim"),
+    [(8, 4, 4, 64), (16, 4, 2, 80), (32, 8, 2, 96), (16, 8, 1, 128), (8, 6, 2, 24), (16, 3, 3, 20)],
+)
+def test_decodes_read_only_their_own_slots(block_size, num_heads, num_kv_heads, head_dim):
+    # GQA ratios 1, 2, 4, 8, 3 and 1; contexts ending at, before and after block edges.
+    check(DECODES, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+          head_dim=head_dim)  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 23, 500])
+def test_sliding_window_decodes(window):
+    check(DECODES, window=window, block_size=8, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("window", [None, 13])
+def test_mixed_batch_decode_and_prefill_rows(window):
+    check(MIXED, window=window, clean=True, block_size=8, num_heads=8, num_kv_heads=2)
+
+
+def test_prefill_only_batch_is_the_reference():
+    check([(23, 23), (50, 7), (90, 33)], clean=True, block_size=8)
+
+
+def test_bfloat16_decodes():
+    check(DECODES, dtype=torch.bfloat16, num_heads=8, num_kv_heads=2)
+
+
+def test_strided_query_from_a_fused_qkv_projection():
+    query, k_cache, v_cache, *rest = make_case(DECODES)
+    qkv = torch.randn(query.shape[0], 4 * 64 + 2 * 2 * 64)
+    q = qkv[:, : 4 * 64].view(-1, 4, 64)  # rows strided by the whole qkv width
+    q.copy_(query)
+    got = cpu.paged_attention(q, k_cache, v_cache, *rest, 0.125)
+    want = cpu.paged_attention(query, k_cache, v_cache, *rest, 0.125)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_runs_on_torchs_threads():
+    """The kernel's work items run on torch's intra-op pool: one thread and two agree."""
+    args = make_case([(ctx, 1) for ctx in range(1, 120, 7)], num_heads=8, num_kv_heads=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.paged_attention(*args, 0.125)
+        torch.set_num_threads(2)
+        two = cpu.paged_attention(*args, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
+    """No toolchain (here: a compiler that fails, and an empty extension cache): the backend
+    falls back to the reference with a warning; forcing the CPU kernel is refused clearly."""
+    script = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from pagedserve import kernels\n"
+        "print('backend', kernels.attention_backend('cpu'))\n"
+        "import os; os.environ[kernels.ENV_VAR] = 'cpu'\n"
+        "try:\n    kernels.attention_backend('cpu')\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop(kernels.ENV_VAR, None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert "backend torch" in done.stdout, done.stdout + done.stderr
+    assert "CPU attention kernel unavailable" in done.stderr
+    assert "refused: PAGEDSERVE_ATTENTION_BACKEND=cpu" in done.stdout
