@@ -101,14 +101,20 @@ def test_best_of_returns_the_n_most_likely_of_its_candidates(llm):
     params = SamplingParams(n=2, best_of=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert len(out.outputs) == 2
-    every = llm.generate([prompt], SamplingParams(n=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    every = llm.generate(
+        [prompt],
+        SamplingParams(n=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     best = sorted(every.outputs, key=lambda c: -c.cumulative_logprob)[:2]
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in best]
 
 
 def test_logprobs_equal_transformers_log_softmax(llm, hf_tiny):
     prompt = random_prompts(1, 15, 16, seed=8)[0]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5, prompt_logprobs=3)
+    params = SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, logprobs=5, prompt_logprobs=3
+    )
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     completion = out.outputs[0]
     full = prompt + completion.token_ids
@@ -122,7 +128,9 @@ def test_logprobs_equal_transformers_log_softmax(llm, hf_tiny):
             assert entry[tok] == pytest.approx(lp, abs=1e-4)
     assert out.prompt_logprobs[0] is None
     for j in range(1, len(prompt)):
-        assert out.prompt_logprobs[j][prompt[j]] == pytest.approx(ref[j - 1, prompt[j]].item(), abs=1e-4)
+        assert out.prompt_logprobs[j][prompt[j]] == pytest.approx(
+            ref[j - 1, prompt[j]].item(), abs=1e-4
+        )
         assert len(out.prompt_logprobs[j]) >= 3
     assert completion.cumulative_logprob == pytest.approx(
         sum(e[t] for t, e in zip(completion.token_ids, completion.logprobs, strict=True)), abs=1e-4
@@ -140,7 +148,9 @@ def test_prefix_cache_reuses_the_shared_prefix_and_changes_no_output(tiny_llama)
     rest = cached.generate(prompts[1:], params, use_tqdm=False)
     after = cached.engine.stats()
     reference = plain.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in first + rest] == [o.outputs[0].token_ids for o in reference]
+    assert [o.outputs[0].token_ids for o in first + rest] == [
+        o.outputs[0].token_ids for o in reference
+    ]
     # The later requests computed only their own tails: 64 shared tokens = 4 cached blocks each.
     assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 3 * 64
     assert plain.engine.stats().prefix_cache_hit_tokens == 0
@@ -150,7 +160,12 @@ def test_prefix_cache_reuses_the_shared_prefix_and_changes_no_output(tiny_llama)
 def test_prefix_cache_eviction_under_pressure_never_corrupts_running_sequences(tiny_llama):
     # 20 blocks of 16: far fewer than the requests need, so cached blocks are evicted and
     # requests preempted all the time; greedy outputs must still equal a roomy engine's.
-    prompts = [p + q for p, q in zip(random_prompts(12, 30, 31, seed=11) * 1, random_prompts(12, 1, 40, seed=12), strict=True)]
+    prompts = [
+        p + q
+        for p, q in zip(
+            random_prompts(12, 30, 31, seed=11) * 1, random_prompts(12, 1, 40, seed=12), strict=True
+        )
+    ]
     prompts += [prompts[0][:40] + [7, 8, 9]] * 3
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     tight = LLM(tiny_llama, max_model_len=128, kv_cache_memory=20 * 16 * 2 * 2 * 16 * 4 * 2)
@@ -180,7 +195,9 @@ def test_repetition_penalty_matches_transformers_processor():
 def test_presence_frequency_penalties_and_logit_bias_follow_openai():
     torch.manual_seed(0)
     logits = torch.randn(1, 20)
-    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 5.0, 7: -2.0})
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 5.0, 7: -2.0}
+    )
     seq = Sequence("a", None, [1, 2], params)
     seq.token_ids += [5, 5, 6]  # generated: 5 twice, 6 once (the prompt's tokens do not count)
     ours = apply_penalties(logits.clone(), [seq])[0]
