@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.engine.sampler import Sample
 from pagedserve.engine.sequence import Sequence
 
 _NEG = -1.0e9  # transformers' "never choose this" score
@@ -23,14 +24,15 @@ class Hypothesis:
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     eos: bool = False
+    logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
 
 
 @dataclass
-class Candidate:
-    score: float  # the beam's cumulative logprob plus this token's
-    parent: Sequence
-    token: int
-    logprob: float
+class Candidate(Sample):
+    """A continuation of `parent` by `token` (`top`: the parent's step distribution)."""
+
+    score: float = 0.0  # the beam's cumulative logprob plus this token's
+    parent: Sequence | None = None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class BeamSearch:
     eos_token_ids: frozenset[int]
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    logprobs: int | None = None  # top-k alternatives to report per token (None: none)
     scores: dict[int, float] = field(default_factory=dict)  # live beam seq_id -> score
     hyps: list[Hypothesis] = field(init=False)
     improvable: bool = True
@@ -54,15 +57,15 @@ class BeamSearch:
         """Candidates ranked per step: enough that `width` survive even if some end."""
         return max(2, 1 + len(self.eos_token_ids)) * self.width
 
-    def step(self, beams: list[Sequence], top: dict[int, dict[int, float]]) -> list[Candidate]:
-        """One step: `top[seq_id]` maps each beam's best next tokens to their logprobs.
+    def step(self, beams: list[Sequence], samples: dict[int, Sample]) -> list[Candidate]:
+        """One step: `samples[seq_id].top` maps each beam's best next tokens to their logprobs.
         Returns the next beams' (parent, token) in rank order; updates the hypotheses."""
         cur_len = beams[0].num_tokens
         ranked = sorted(
             (
-                Candidate(self.scores.get(b.seq_id, 0.0) + lp, b, tok, lp)
+                Candidate(tok, lp, samples[b.seq_id].top, self.scores.get(b.seq_id, 0.0) + lp, b)
                 for b in beams
-                for tok, lp in top[b.seq_id].items()
+                for tok, lp in samples[b.seq_id].top.items()
             ),
             key=lambda c: -c.score,
         )[: self.keep]
@@ -97,7 +100,11 @@ class BeamSearch:
             if i < self.width and hits[i] and not blocked:
                 score = c.score / ((cur_len + 1 - self.prompt_len) ** self.length_penalty)
                 tokens = c.parent.token_ids + [c.token]
-                new.append(Hypothesis(score, True, tokens, c.score, c.token in self.eos_token_ids))
+                logprobs = None
+                if self.logprobs is not None:
+                    logprobs = c.parent.logprobs + [c.logprobs_entry(self.logprobs)]
+                eos = c.token in self.eos_token_ids
+                new.append(Hypothesis(score, True, tokens, c.score, eos, logprobs))
         merged = self.hyps + new
         # A stable sort keeps earlier entries first on ties, as transformers' topk does here.
         self.hyps = sorted(merged, key=lambda h: -h.score)[: self.width]
@@ -122,8 +129,9 @@ class BeamSearch:
             score = self.scores.get(beam.seq_id, 0.0)
             self.hyps.append(
                 Hypothesis(
-                    score / generated**self.length_penalty, True, list(beam.token_ids), score
-                )
+                    score / generated**self.length_penalty, True, list(beam.token_ids), score,
+                    logprobs=None if self.logprobs is None else list(beam.logprobs),
+                )  # fmt: skip
             )
         self.hyps = sorted(self.hyps, key=lambda h: -h.score)[: self.width]
         self.done = True

@@ -198,6 +198,7 @@ class LLMEngine:
                 width=params.best_of, prompt_len=seq.num_tokens, max_len=min(limit, self.max_model_len),
                 eos_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
                 length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+                logprobs=params.logprobs,
             )  # fmt: skip
         else:
             seq.fan_out = params.best_of
@@ -278,7 +279,7 @@ class LLMEngine:
     def _beam_step(self, group: SequenceGroup, samples: dict[int, list[Sample]]) -> None:
         beam = group.beam
         beams = group.unfinished
-        chosen = beam.step(beams, {b.seq_id: samples[b.seq_id][0].top for b in beams})
+        chosen = beam.step(beams, {b.seq_id: samples[b.seq_id][0] for b in beams})
         # Fork first (a fork copies the parent's tokens), then append the new tokens.
         used: set[int] = set()
         next_beams = []
@@ -291,7 +292,7 @@ class LLMEngine:
                 used.add(seq.seq_id)
             next_beams.append((seq, cand))
         for rank, (seq, cand) in enumerate(next_beams):
-            self._append(seq, Sample(cand.token, cand.logprob, {}))
+            self._append(seq, cand)
             beam.scores[seq.seq_id] = beam.running_score(rank)
         for old in beams:
             if old.seq_id not in used:
@@ -308,11 +309,8 @@ class LLMEngine:
             self.prompt_tokens_total += seq.num_prompt_tokens
         seq.token_ids.append(sample.token)
         seq.cumulative_logprob += sample.logprob
-        k = seq.params.logprobs
-        if k is not None:
-            entry = {sample.token: sample.logprob}
-            entry.update(list(sample.top.items())[:k])
-            seq.logprobs.append(entry)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(sample.logprobs_entry(seq.params.logprobs))
         self.generation_tokens_total += 1
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -384,6 +382,7 @@ class LLMEngine:
             token_ids=tokens,
             finish_reason="stop" if hyp.eos else "length",
             cumulative_logprob=hyp.cumulative_logprob,
+            logprobs=hyp.logprobs,
         )
 
     def stats(self) -> EngineStats:

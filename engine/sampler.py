@@ -67,6 +67,12 @@ class Sample:
     logprob: float  # of `token`, after penalties and biases, before temperature
     top: dict[int, float]  # the most likely tokens and their logprobs, as many as asked for
 
+    def logprobs_entry(self, k: int) -> dict[int, float]:
+        """What the output reports for this token: the chosen one first, then the top `k`."""
+        entry = {self.token: self.logprob}
+        entry.update(list(self.top.items())[:k])
+        return entry
+
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
     """logits [S, V] (one row per sequence) -> a sample per row of `t`."""

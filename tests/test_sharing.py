@@ -137,6 +137,36 @@ def test_logprobs_equal_transformers_log_softmax(llm, hf_tiny):
     )
 
 
+@pytest.mark.parametrize("logprobs", [0, 3])
+def test_beam_search_logprobs_equal_transformers_log_softmax(llm, hf_tiny, logprobs):
+    """Every returned beam, ended by EOS or by length, carries each of its tokens' logprob
+    (and the top alternatives of its step), and they add up to its cumulative logprob."""
+    prompt = random_prompts(1, 20, 21, seed=5)[0]
+    params = SamplingParams(n=3, best_of=3, use_beam_search=True, temperature=0, max_tokens=10,
+                            logprobs=logprobs)  # fmt: skip
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    for beam in out.outputs:
+        assert len(beam.logprobs) == len(beam.token_ids)
+        with torch.no_grad():
+            full = torch.tensor([prompt + beam.token_ids])
+            ref = torch.log_softmax(hf_tiny(full).logits[0].float(), dim=-1)
+        for i, (token, entry) in enumerate(zip(beam.token_ids, beam.logprobs, strict=True)):
+            row = ref[len(prompt) - 1 + i]
+            assert entry[token] == pytest.approx(row[token].item(), abs=1e-4)
+            top = row.topk(logprobs) if logprobs else None
+            assert len(entry) <= logprobs + 1
+            for tok, lp in zip(*(top.indices.tolist(), top.values.tolist()) if top else ((), ()),
+                               strict=True):  # fmt: skip
+                assert entry[tok] == pytest.approx(lp, abs=1e-4)
+        assert beam.cumulative_logprob == pytest.approx(
+            sum(e[t] for t, e in zip(beam.token_ids, beam.logprobs, strict=True)), abs=1e-4
+        )
+    unasked = llm.generate([prompt], SamplingParams(n=2, best_of=3, use_beam_search=True,
+                                                    temperature=0, max_tokens=4), use_tqdm=False)  # fmt: skip
+    assert all(c.logprobs is None for c in unasked[0].outputs)
+
+
 def test_prefix_cache_reuses_the_shared_prefix_and_changes_no_output(tiny_llama):
     shared = random_prompts(1, 64, 65, seed=9)[0]
     prompts = [shared + tail for tail in random_prompts(4, 3, 9, seed=10)]
