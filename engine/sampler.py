@@ -119,8 +119,9 @@ def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI's presence/frequency penalties (over generated tokens), transformers' repetition
-    penalty (over prompt and generated tokens) and logit_bias, for the rows that ask."""
+    """logit_bias, transformers' repetition penalty (over prompt and generated tokens), then
+    OpenAI's frequency and presence penalties (over generated tokens), for the rows that ask:
+    vLLM's order, so that combined settings give the same distribution as there."""
     rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
     if not rows:
         return logits
@@ -128,10 +129,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i in rows:
         p, seq = seqs[i].params, seqs[i]
         row = logits[i]
-        if p.presence_penalty or p.frequency_penalty:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        for token, bias in p.logit_bias.items():
+            if token < vocab:
+                row[token] += bias
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             seen = seen[seen < vocab]
@@ -139,9 +139,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             row[seen] = torch.where(
                 picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
             )
-        for token, bias in p.logit_bias.items():
-            if token < vocab:
-                row[token] += bias
+        if p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
 
 

@@ -239,6 +239,19 @@ def test_presence_frequency_penalties_and_logit_bias_follow_openai():
     assert torch.allclose(ours, want)
 
 
+def test_combined_penalties_apply_in_vllms_order():
+    """logit_bias, then the repetition penalty, then frequency and presence: on one token that
+    all of them touch, each order gives a different number."""
+    logits = torch.zeros(1, 10)
+    logits[0, 5] = 1.0
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                            logit_bias={5: 3.0})  # fmt: skip
+    seq = Sequence("a", None, [1, 2], params)
+    seq.token_ids += [5, 5]
+    got = apply_penalties(logits.clone(), [seq])[0, 5].item()
+    assert got == pytest.approx((1.0 + 3.0) / 2.0 - 2 * 0.5 - 0.25)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
