@@ -31,6 +31,15 @@ def build_cached(tmp_path_factory: pytest.TempPathFactory) -> BuildCached:
     return build
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_kernel() -> None:
+    """Build (or load) the C++ attention kernel once, before any test starts a server, so that
+    no server's start-up timeout pays for the first compile."""
+    from pagedserve import kernels
+
+    kernels.attention_backend("cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(build_cached: BuildCached) -> Path:
     """A tiny Llama (2 layers, hidden 64, GQA, tied embeddings) with its tokenizer."""

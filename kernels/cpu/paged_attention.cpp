@@ -16,65 +16,98 @@
 
 namespace {
 
+// Rows a few keys ahead are fetched early: keys of one head lie a slot apart (and blocks
+// anywhere), a pattern the hardware prefetcher follows poorly.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* base, const int64_t* rows, int64_t head_dim) {
+  const int64_t bytes = head_dim * int64_t(sizeof(scalar_t));
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t b = 0; b < bytes; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(base + rows[r]) + b);
+}
+
+// Keys are taken four at a time: four independent dot products (and one pass over the
+// accumulator for four values) keep the vector units busy instead of waiting on one chain.
+constexpr int64_t kUnroll = 4;
+
 template <typename scalar_t>
 void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_cache,
             const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
             int64_t num_seqs, int64_t max_blocks, int64_t block_size, int64_t num_heads,
             int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
-  // Calls f(j, slot) for the tokens first..n-1 of a sequence (j counted from 0), block by
-  // block: one table lookup per block, not a division per token.
-  auto for_each_slot = [block_size](const int32_t* table, int64_t first, int64_t n, auto&& f) {
-    int64_t j = 0;
-    for (int64_t pos = first; pos < n;) {
-      const int64_t offset = pos % block_size;
-      const int64_t stop = std::min(n, pos - offset + block_size);
-      int64_t slot = int64_t(table[pos / block_size]) * block_size + offset;
-      for (; pos < stop; ++pos, ++j, ++slot) f(j, slot);
-    }
-  };
+  const int64_t token_stride = num_kv_heads * head_dim;  // one slot's keys (all heads)
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * head_dim), acc(group * head_dim), scores, top(group), sum(group);
+    std::vector<float> q(group * head_dim), acc(group * head_dim), scores, sum(group);
+    std::vector<int64_t> rows;  // offset of each key of this sequence and head in the cache
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t n = context_lens[seq];
       const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
       const int64_t len = n - first;
       const int32_t* table = block_tables + seq * max_blocks;
+      rows.resize(len);
+      for (int64_t pos = first; pos < n; ++pos) {
+        const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+        rows[pos - first] = slot * token_stride + kv_head * head_dim;
+      }
       // The `group` query heads that share this KV head, scaled once.
       for (int64_t h = 0; h < group; ++h) {
         const scalar_t* src = query + (seq * num_heads + kv_head * group + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] = float(src[d]) * scale;
       }
       scores.resize(group * len);
-      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
-      for_each_slot(table, first, n, [&](int64_t j, int64_t slot) {
-        const scalar_t* key = k_cache + (slot * num_kv_heads + kv_head) * head_dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = q.data() + h * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * float(key[d]);
-          scores[h * len + j] = dot;
-          top[h] = std::max(top[h], dot);
-        }
-      });
       for (int64_t h = 0; h < group; ++h) {
-        float total = 0.f;
+        const float* qh = q.data() + h * head_dim;
         float* s = scores.data() + h * len;
-        for (int64_t j = 0; j < len; ++j) total += (s[j] = std::exp(s[j] - top[h]));
+        int64_t j = 0;
+        for (; j + kUnroll <= len; j += kUnroll) {
+          const scalar_t *k0 = k_cache + rows[j], *k1 = k_cache + rows[j + 1],
+                         *k2 = k_cache + rows[j + 2], *k3 = k_cache + rows[j + 3];
+          if (j + 3 * kUnroll <= len) prefetch_rows(k_cache, rows.data() + j + 2 * kUnroll, head_dim);
+          float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+          for (int64_t d = 0; d < head_dim; ++d) {
+            d0 += qh[d] * float(k0[d]);
+            d1 += qh[d] * float(k1[d]);
+            d2 += qh[d] * float(k2[d]);
+            d3 += qh[d] * float(k3[d]);
+          }
+          s[j] = d0, s[j + 1] = d1, s[j + 2] = d2, s[j + 3] = d3;
+        }
+        for (; j < len; ++j) {
+          const scalar_t* k0 = k_cache + rows[j];
+          float d0 = 0.f;
+#pragma omp simd reduction(+ : d0)
+          for (int64_t d = 0; d < head_dim; ++d) d0 += qh[d] * float(k0[d]);
+          s[j] = d0;
+        }
+        float m = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t i = 0; i < len; ++i) m = std::max(m, s[i]);
+        for (int64_t i = 0; i < len; ++i) total += (s[i] = std::exp(s[i] - m));
         sum[h] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_slot(table, first, n, [&](int64_t j, int64_t slot) {
-        const scalar_t* value = v_cache + (slot * num_kv_heads + kv_head) * head_dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * len + j];
-          float* a = acc.data() + h * head_dim;
+      for (int64_t h = 0; h < group; ++h) {
+        const float* s = scores.data() + h * len;
+        float* a = acc.data() + h * head_dim;
+        int64_t j = 0;
+        for (; j + kUnroll <= len; j += kUnroll) {
+          const scalar_t *v0 = v_cache + rows[j], *v1 = v_cache + rows[j + 1],
+                         *v2 = v_cache + rows[j + 2], *v3 = v_cache + rows[j + 3];
+          if (j + 3 * kUnroll <= len) prefetch_rows(v_cache, rows.data() + j + 2 * kUnroll, head_dim);
+          const float p0 = s[j], p1 = s[j + 1], p2 = s[j + 2], p3 = s[j + 3];
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * float(value[d]);
+          for (int64_t d = 0; d < head_dim; ++d)
+            a[d] += p0 * float(v0[d]) + p1 * float(v1[d]) + p2 * float(v2[d]) + p3 * float(v3[d]);
         }
-      });
+        for (; j < len; ++j) {
+          const scalar_t* v0 = v_cache + rows[j];
+          const float p0 = s[j];
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p0 * float(v0[d]);
+        }
+      }
       for (int64_t h = 0; h < group; ++h) {
         scalar_t* dst = out + (seq * num_heads + kv_head * group + h) * head_dim;
         const float inv = 1.f / sum[h];
