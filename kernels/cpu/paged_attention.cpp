@@ -67,15 +67,15 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
         const scalar_t* src = query + (seq * num_heads + kv_head * group + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] = to_float(src[d]) * scale;
       }
+      // Scores, [group][len]: each key row is loaded once for all the heads that read it.
       scores.resize(group * len);
-      for (int64_t h = 0; h < group; ++h) {
-        const float* qh = q.data() + h * head_dim;
-        float* s = scores.data() + h * len;
-        int64_t j = 0;
-        for (; j + kUnroll <= len; j += kUnroll) {
-          const scalar_t *k0 = k_cache + rows[j], *k1 = k_cache + rows[j + 1],
-                         *k2 = k_cache + rows[j + 2], *k3 = k_cache + rows[j + 3];
-          if (j + 3 * kUnroll <= len) prefetch_rows(k_cache, rows.data() + j + 2 * kUnroll, head_dim);
+      int64_t j = 0;
+      for (; j + kUnroll <= len; j += kUnroll) {
+        const scalar_t *k0 = k_cache + rows[j], *k1 = k_cache + rows[j + 1],
+                       *k2 = k_cache + rows[j + 2], *k3 = k_cache + rows[j + 3];
+        if (j + 3 * kUnroll <= len) prefetch_rows(k_cache, rows.data() + j + 2 * kUnroll, head_dim);
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = q.data() + h * head_dim;
           float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
           for (int64_t d = 0; d < head_dim; ++d) {
@@ -84,37 +84,48 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
             d2 += qh[d] * to_float(k2[d]);
             d3 += qh[d] * to_float(k3[d]);
           }
-          s[j] = d0, s[j + 1] = d1, s[j + 2] = d2, s[j + 3] = d3;
+          float* s = scores.data() + h * len + j;
+          s[0] = d0, s[1] = d1, s[2] = d2, s[3] = d3;
         }
-        for (; j < len; ++j) {
-          const scalar_t* k0 = k_cache + rows[j];
+      }
+      for (; j < len; ++j) {
+        const scalar_t* k0 = k_cache + rows[j];
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = q.data() + h * head_dim;
           float d0 = 0.f;
 #pragma omp simd reduction(+ : d0)
           for (int64_t d = 0; d < head_dim; ++d) d0 += qh[d] * to_float(k0[d]);
-          s[j] = d0;
+          scores[h * len + j] = d0;
         }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* s = scores.data() + h * len;
         float m = -std::numeric_limits<float>::infinity(), total = 0.f;
         for (int64_t i = 0; i < len; ++i) m = std::max(m, s[i]);
         for (int64_t i = 0; i < len; ++i) total += (s[i] = std::exp(s[i] - m));
         sum[h] = total;
       }
+      // The weighted values, each value row loaded once for all the heads.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t h = 0; h < group; ++h) {
-        const float* s = scores.data() + h * len;
-        float* a = acc.data() + h * head_dim;
-        int64_t j = 0;
-        for (; j + kUnroll <= len; j += kUnroll) {
-          const scalar_t *v0 = v_cache + rows[j], *v1 = v_cache + rows[j + 1],
-                         *v2 = v_cache + rows[j + 2], *v3 = v_cache + rows[j + 3];
-          if (j + 3 * kUnroll <= len) prefetch_rows(v_cache, rows.data() + j + 2 * kUnroll, head_dim);
-          const float p0 = s[j], p1 = s[j + 1], p2 = s[j + 2], p3 = s[j + 3];
+      for (j = 0; j + kUnroll <= len; j += kUnroll) {
+        const scalar_t *v0 = v_cache + rows[j], *v1 = v_cache + rows[j + 1],
+                       *v2 = v_cache + rows[j + 2], *v3 = v_cache + rows[j + 3];
+        if (j + 3 * kUnroll <= len) prefetch_rows(v_cache, rows.data() + j + 2 * kUnroll, head_dim);
+        for (int64_t h = 0; h < group; ++h) {
+          const float* s = scores.data() + h * len + j;
+          const float p0 = s[0], p1 = s[1], p2 = s[2], p3 = s[3];
+          float* a = acc.data() + h * head_dim;
 #pragma omp simd
           for (int64_t d = 0; d < head_dim; ++d)
-            a[d] += p0 * to_float(v0[d]) + p1 * to_float(v1[d]) + p2 * to_float(v2[d]) + p3 * to_float(v3[d]);
+            a[d] += p0 * to_float(v0[d]) + p1 * to_float(v1[d]) + p2 * to_float(v2[d]) +
+                    p3 * to_float(v3[d]);
         }
-        for (; j < len; ++j) {
-          const scalar_t* v0 = v_cache + rows[j];
-          const float p0 = s[j];
+      }
+      for (; j < len; ++j) {
+        const scalar_t* v0 = v_cache + rows[j];
+        for (int64_t h = 0; h < group; ++h) {
+          const float p0 = scores[h * len + j];
+          float* a = acc.data() + h * head_dim;
 #pragma omp simd
           for (int64_t d = 0; d < head_dim; ++d) a[d] += p0 * to_float(v0[d]);
         }
