@@ -167,15 +167,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        # The residual add is fused here so each layer hands on (normed, residual) pairs.
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        # The residual add is fused in so each layer hands on (normed, residual) pairs.
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -245,23 +238,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    rot, rest = x[..., :dim], x[..., dim:]
-    half = dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        """Rotates q [T, heads, head_dim] and k in place (views of the qkv projection are
+        fine) and returns them."""
+        kernels.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
+        return q, k
 
 
 _ACTIVATIONS = {
@@ -293,6 +273,8 @@ class ActAndMul(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act, nn.SiLU):  # the common case has a fused kernel
+            return kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
 

@@ -1,6 +1,7 @@
-"""The CPU decode-attention kernel (kernels/cpu/, C++ built on first use) against the PyTorch
-reference: decode rows read in place from NaN-poisoned paged caches, mixed batches, GQA
-ratios, odd head dims, sliding windows, bfloat16; and the fallback where it cannot be built."""
+"""The CPU kernels (kernels/cpu/, C++ built on first use) against the PyTorch reference:
+decode attention read in place from NaN-poisoned paged caches (mixed batches, GQA ratios, odd
+head dims, sliding windows, bfloat16), RMSNorm with its residual, the rotary embedding in
+place; and the fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -75,6 +76,45 @@ def test_strided_query_from_a_fused_qkv_projection():
     got = cpu.paged_attention(q, k_cache, v_cache, *rest, 0.125)
     want = cpu.paged_attention(query, k_cache, v_cache, *rest, 0.125)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --- the fused per-token ops --------------------------------------------------------------
+
+FUSED_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=0, atol=0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, with_residual):
+    """bfloat16 exactly: the kernel rounds where the reference rounds."""
+    gen = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(7, 3, 200, generator=gen)).to(dtype)
+    weight = torch.randn(200, generator=gen).to(dtype)
+    residual = torch.randn(7, 3, 200, generator=gen).to(dtype) if with_residual else None
+    got = cpu.rms_norm(x, weight, 1e-5, residual)
+    want = ref.rms_norm(x, weight, 1e-5, residual)
+    for g, w in zip(*((got, want) if with_residual else ((got,), (want,))), strict=True):
+        assert g.shape == w.shape and g.dtype == dtype
+        torch.testing.assert_close(g, w, **FUSED_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(64, 64), (80, 20), (24, 12)])
+def test_rotary_in_place_on_a_fused_qkv_matches_reference(dtype, head_dim, rotary_dim):
+    """q and k as strided views of one qkv projection: rotated in place, v and the dims past
+    rotary_dim untouched."""
+    gen = torch.Generator().manual_seed(4)
+    tokens, heads, kv_heads, max_pos = 9, 6, 2, 300
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    freqs = torch.rand(max_pos, rotary_dim // 2, generator=gen) * 3
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    want = qkv.clone()
+    for buf, rotate in ((want, ref.rotary_embedding), (qkv, cpu.rotary_embedding)):
+        q, k, _ = buf.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        rotate(positions, q.view(tokens, heads, -1), k.view(tokens, kv_heads, -1), cos, sin,
+               rotary_dim)  # fmt: skip
+    torch.testing.assert_close(qkv, want, **FUSED_TOL[dtype])
 
 
 def test_runs_on_torchs_threads():

@@ -283,17 +283,6 @@ def test_rotary_embedding_in_place_matches_reference(dtype, head_dim, rotary_dim
     torch.testing.assert_close(qkv, want, **FUSED_TOL[dtype])  # v and the unrotated dims: untouched
 
 
-def test_rotary_reference_is_what_the_engine_layer_computes():
-    from pagedserve.engine.layers import RotaryEmbedding
-
-    layer = RotaryEmbedding(80, 40, 64, {"rope_theta": 10000.0})
-    positions = torch.tensor([0, 5, 63, 7])
-    q, k = torch.randn(4, 4, 80), torch.randn(4, 2, 80)
-    want_q, want_k = layer(positions, q, k)
-    ref.rotary_embedding(positions, q, k, layer.cos, layer.sin, 40)
-    assert torch.equal(q, want_q) and torch.equal(k, want_k)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_matches_reference(dtype):
     gen = torch.Generator().manual_seed(5)
@@ -303,18 +292,37 @@ def test_silu_and_mul_matches_reference(dtype):
     torch.testing.assert_close(got, want, **FUSED_TOL[dtype])
 
 
-def test_fused_references_are_what_the_engine_layers_compute():
-    from pagedserve.engine.layers import RMSNorm, SiluAndMul
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_engine_layers_compute_through_the_kernels(monkeypatch, backend):
+    """RMSNorm, the rotary embedding and the gated SiLU of engine/layers.py are the kernels'
+    ops: exactly the reference on the torch backend, within rounding on the CPU kernels."""
+    from torch import nn
 
+    from pagedserve.engine.layers import ActAndMul, RMSNorm, RotaryEmbedding
+
+    monkeypatch.setenv(kernels.ENV_VAR, backend)
+    check = torch.testing.assert_close
+    tol = {} if backend == "cpu" else dict(rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(7)
     norm = RMSNorm(48, 1e-6)
-    norm.weight.data = torch.randn(48)
-    x, residual = torch.randn(5, 48), torch.randn(5, 48)
-    assert torch.equal(norm(x), ref.rms_norm(x, norm.weight, 1e-6))
+    norm.weight.data = torch.randn(48, generator=gen)
+    x, residual = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen)
+    check(norm(x), ref.rms_norm(x, norm.weight, 1e-6), **tol)
     for got, want in zip(
         norm(x, residual), ref.rms_norm(x, norm.weight, 1e-6, residual), strict=True
     ):
-        assert torch.equal(got, want)
-    assert torch.equal(SiluAndMul()(x), ref.silu_and_mul(x))
+        check(got, want, **tol)
+    check(ActAndMul(nn.SiLU())(x), ref.silu_and_mul(x), **tol)
+
+    rotary = RotaryEmbedding(80, 40, 64, {"rope_theta": 10000.0})
+    positions = torch.tensor([0, 5, 63, 7])
+    q, k = torch.randn(4, 4, 80, generator=gen), torch.randn(4, 2, 80, generator=gen)
+    want_q, want_k = q.clone(), k.clone()
+    ref.rotary_embedding(positions, want_q, want_k, rotary.cos, rotary.sin, 40)
+    got_q, got_k = rotary(positions, q, k)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    check(got_q, want_q, **tol)
+    check(got_k, want_k, **tol)
 
 
 # --- backend selection and the engine -------------------------------------------------------

@@ -1,29 +1,28 @@
-"""CPU kernels: decode attention read in place from the paged KV cache (C++, compiled on
-first use with torch's extension builder and cached under ~/.cache/torch_extensions).
+"""CPU kernels in C++, compiled on first use with torch's extension builder and cached under
+~/.cache/torch_extensions: decode attention read in place from the paged KV cache, RMSNorm
+with its residual add, and the rotary embedding in place.
 
 On a CPU the reference's decode attention spends more time gathering each sequence's blocks
 into a padded copy than attending; `paged_attention_decode` reads every key and value once,
 where it lies. Prefill chunks keep the reference's SDPA (compute-bound, and SDPA's blocked
-kernel is the faster one there); the other ops are the reference's. Where no C++ compiler
-is at hand, `available()` says so once and the reference runs instead.
+kernel is the faster one there). RMSNorm and rotary are one pass over each row instead of
+several torch calls. store_kv, copy_blocks and silu_and_mul are the reference's (single
+torch ops already, vectorized). Where no C++ compiler is at hand, `available()` says so once
+and the reference runs instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import platform
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from pagedserve.kernels import reference
-from pagedserve.kernels.reference import (
-    copy_blocks,
-    rms_norm,
-    rotary_embedding,
-    silu_and_mul,
-    store_kv,
-)
+from pagedserve.kernels.reference import copy_blocks, silu_and_mul, store_kv
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,28 @@ logger = logging.getLogger(__name__)
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp"]
 
 
+def _cpu_tag() -> str:
+    """This CPU's features, hashed. The kernel is built for the CPU it runs on (-march=native),
+    so machines sharing one extension cache (an NFS home) keep one build per kind of CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            features = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        features = ""
+    return hashlib.sha1((features or platform.processor()).encode()).hexdigest()[:10]
+
+
 @cache
 def _ops():
     from torch.utils import cpp_extension
 
-    source = Path(__file__).with_name("paged_attention.cpp")
-    logger.info("loading the CPU attention kernel (compiled once per machine, ~30 s)")
+    here = Path(__file__).parent
+    sources = [
+        str(here / name) for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")
+    ]
+    logger.info("loading the CPU kernels (compiled once per machine, ~1 min)")
     return cpp_extension.load(
-        name="pagedserve_cpu_kernels", sources=[str(source)], extra_cflags=_FLAGS,
+        name=f"pagedserve_cpu_kernels_{_cpu_tag()}", sources=sources, extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
     )  # fmt: skip
 
@@ -84,6 +97,42 @@ def paged_attention(
         q_lens[prefill], scale, sliding_window,
     )  # fmt: skip
     return out
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """reference.rms_norm in one pass per row (dtypes the kernel does not take: the reference)."""
+    if (
+        x.dtype not in (torch.float32, torch.bfloat16)
+        or weight.dtype != x.dtype
+        or (residual is not None and residual.dtype != x.dtype)
+    ):
+        return reference.rms_norm(x, weight, eps, residual)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if residual is None:
+        _ops().rms_norm(out, x, weight.contiguous(), float(eps), None, None)
+        return out
+    new_residual = torch.empty_like(x)
+    _ops().rms_norm(out, x, weight.contiguous(), float(eps), residual.contiguous(), new_residual)
+    return out, new_residual
+
+
+def rotary_embedding(positions, query, key, cos, sin, rotary_dim: int) -> None:
+    """reference.rotary_embedding, in place, one pass per token."""
+    if (
+        query.dtype not in (torch.float32, torch.bfloat16)
+        or key.dtype != query.dtype
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+        or query.stride(-1) != 1
+        or key.stride(-1) != 1
+    ):
+        reference.rotary_embedding(positions, query, key, cos, sin, rotary_dim)
+        return
+    positions = positions.long().contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _ops().rotary_embedding(positions, query, cos, sin, rotary_dim)
+    _ops().rotary_embedding(positions, key, cos, sin, rotary_dim)
 
 
 def _decode(query, k_cache, v_cache, block_tables, context_lens, scale, window) -> torch.Tensor:

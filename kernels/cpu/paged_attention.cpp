@@ -6,26 +6,19 @@
 // and values once, where they lie, through the block table. Work items run on torch's
 // intra-op thread pool, so `torch.set_num_threads` (the engine's cpu_threads) governs them.
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
-namespace {
+#include "common.h"
 
-// A cached element as float. bfloat16 is the top half of a float32: a shift the compiler
-// vectorizes, where c10's own conversion stays a scalar call per element.
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = uint32_t(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using pagedserve::to_float;
+
+namespace {
 
 // Rows a few keys ahead are fetched early: keys of one head lie a slot apart (and blocks
 // anywhere), a pattern the hardware prefetcher follows poorly.
@@ -143,9 +136,9 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
 
 // query/out [num_seqs, num_heads, head_dim]: each sequence's one new token, whose keys are the
 // first context_lens[s] tokens of its blocks (its own included); window <= 0: no window.
-void paged_attention_decode(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor block_tables,
-                            torch::Tensor context_lens, double scale, int64_t window) {
+void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache,
+                            at::Tensor v_cache, at::Tensor block_tables, at::Tensor context_lens,
+                            double scale, int64_t window) {
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
               v_cache.is_contiguous() && block_tables.is_contiguous() &&
               context_lens.is_contiguous(), "paged_attention_decode needs contiguous tensors");
@@ -160,8 +153,4 @@ void paged_attention_decode(torch::Tensor out, torch::Tensor query, torch::Tenso
                      block_tables.size(1), block_size, num_heads, num_kv_heads, head_dim,
                      float(scale), window);
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_decode", &paged_attention_decode);
 }

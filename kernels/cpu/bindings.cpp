@@ -1,0 +1,17 @@
+// The Python module of the CPU kernels (kernels/cpu/__init__.py loads it).
+
+#include <torch/extension.h>
+
+void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache,
+                            at::Tensor v_cache, at::Tensor block_tables, at::Tensor context_lens,
+                            double scale, int64_t window);
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
+              c10::optional<at::Tensor> residual, c10::optional<at::Tensor> new_residual);
+void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
+                      int64_t rotary_dim);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention_decode", &paged_attention_decode);
+  m.def("rms_norm", &rms_norm);
+  m.def("rotary_embedding", &rotary_embedding);
+}
