@@ -65,7 +65,7 @@ def available() -> bool:
     try:
         _ops()
     except Exception as e:  # no compiler, no ninja, no Python headers...
-        logger.warning("CPU attention kernel unavailable, using the PyTorch reference: %s", e)
+        logger.warning("CPU kernels unavailable, using the PyTorch reference: %s", e)
         return False
     return True
 
