@@ -37,21 +37,29 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each query token over its own sequence's cached tokens (GQA aware)."""
+
+    def attend(q, tables, lens, q_lens):
+        return _padded_attention(q, k_cache, v_cache, tables, lens, q_lens, scale, sliding_window)
+
+    return split_by_kind(query, block_tables, context_lens, query_start_loc, attend, attend)
+
+
+def split_by_kind(query, block_tables, context_lens, query_start_loc, decode, prefill):
+    """Runs the decode rows (one query token each) and the prefill chunks of a flat batch
+    apart, so that one long chunk does not pad every decode. Each of `decode` and `prefill` is
+    called as f(query, block_tables, context_lens, q_lens) on its own sequences only (once,
+    on the whole batch, when all are of its kind), and the rows are put back in order."""
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     is_decode = q_lens == 1
-    # Decodes and prefill chunks are padded separately so one long chunk does not pad every decode.
-    if bool(is_decode.all()) or not bool(is_decode.any()):
-        return _padded_attention(
-            query, k_cache, v_cache, block_tables, context_lens, q_lens, scale, sliding_window
-        )
+    if bool(is_decode.all()):
+        return decode(query, block_tables, context_lens, q_lens)
+    if not bool(is_decode.any()):
+        return prefill(query, block_tables, context_lens, q_lens)
     out = torch.empty_like(query)
     token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=query.device), q_lens)
-    for group in (is_decode, ~is_decode):
+    for group, attend in ((is_decode, decode), (~is_decode, prefill)):
         rows = group[token_seq]
-        out[rows] = _padded_attention(
-            query[rows], k_cache, v_cache, block_tables[group], context_lens[group],
-            q_lens[group], scale, sliding_window,
-        )  # fmt: skip
+        out[rows] = attend(query[rows], block_tables[group], context_lens[group], q_lens[group])
     return out
 
 

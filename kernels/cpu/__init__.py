@@ -75,28 +75,24 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """reference.paged_attention, with the decode rows (one query token) computed in place."""
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    is_decode = q_lens == 1
-    if not bool(is_decode.any()):
-        return reference.paged_attention(
-            query, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
-            sliding_window,
+
+    def decode(q, tables, lens, _q_lens):
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        _ops().paged_attention_decode(
+            out, q, k_cache, v_cache, tables.contiguous(), lens.contiguous(), float(scale),
+            int(sliding_window or 0),
         )  # fmt: skip
-    if bool(is_decode.all()):
-        return _decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
-    token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=query.device), q_lens)
-    rows = is_decode[token_seq]
-    out = torch.empty_like(query)
-    out[rows] = _decode(
-        query[rows], k_cache, v_cache, block_tables[is_decode], context_lens[is_decode], scale,
-        sliding_window,
-    )  # fmt: skip
-    prefill = ~is_decode
-    out[~rows] = reference._padded_attention(
-        query[~rows], k_cache, v_cache, block_tables[prefill], context_lens[prefill],
-        q_lens[prefill], scale, sliding_window,
-    )  # fmt: skip
-    return out
+        return out
+
+    def prefill(q, tables, lens, q_lens):
+        return reference._padded_attention(
+            q, k_cache, v_cache, tables, lens, q_lens, scale, sliding_window
+        )
+
+    return reference.split_by_kind(
+        query, block_tables, context_lens, query_start_loc, decode, prefill
+    )
 
 
 def rms_norm(x, weight, eps: float, residual=None):
@@ -133,16 +129,6 @@ def rotary_embedding(positions, query, key, cos, sin, rotary_dim: int) -> None:
     cos, sin = cos.contiguous(), sin.contiguous()
     _ops().rotary_embedding(positions, query, cos, sin, rotary_dim)
     _ops().rotary_embedding(positions, key, cos, sin, rotary_dim)
-
-
-def _decode(query, k_cache, v_cache, block_tables, context_lens, scale, window) -> torch.Tensor:
-    query = query.contiguous()
-    out = torch.empty_like(query)
-    _ops().paged_attention_decode(
-        out, query, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
-        float(scale), int(window or 0),
-    )  # fmt: skip
-    return out
 
 
 __all__ = [
