@@ -31,8 +31,8 @@ class Hypothesis:
 class Candidate(Sample):
     """A continuation of `parent` by `token` (`top`: the parent's step distribution)."""
 
-    score: float = 0.0  # the beam's cumulative logprob plus this token's
-    parent: Sequence | None = None
+    score: float = field(kw_only=True)  # the beam's cumulative logprob plus this token's
+    parent: Sequence = field(kw_only=True)
 
 
 @dataclass
@@ -63,7 +63,8 @@ class BeamSearch:
         cur_len = beams[0].num_tokens
         ranked = sorted(
             (
-                Candidate(tok, lp, samples[b.seq_id].top, self.scores.get(b.seq_id, 0.0) + lp, b)
+                Candidate(tok, lp, samples[b.seq_id].top,
+                          score=self.scores.get(b.seq_id, 0.0) + lp, parent=b)  # fmt: skip
                 for b in beams
                 for tok, lp in samples[b.seq_id].top.items()
             ),
