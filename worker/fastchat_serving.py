@@ -20,7 +20,7 @@ from pagedserve.controller.protocol import (
     GenerateParams,
     Usage,
 )
-from pagedserve.worker.openai_serving import finite_logprob
+from pagedserve.worker.openai_serving import TokenTexts, finite_logprob
 from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream
 
 # FastChat's SeparatorStyle numbers (fastchat/conversation.py)
@@ -96,7 +96,7 @@ class FastChatServing:
         self.requests = requests
         self.model_names = model_names
         self.conv = conv_template_from(chat_template, engine.tokenizer)
-        self._token_strs: dict[int, str] = {}
+        self._token_str = TokenTexts(engine.tokenizer)
 
     # -- small queries ----------------------------------------------------------------------
 
@@ -171,17 +171,6 @@ class FastChatServing:
         except ValueError as e:
             raise RequestError(400, str(e)) from e
         return prompt_ids, sampling
-
-    def _token_str(self, token_id: int) -> str:
-        text = self._token_strs.get(token_id)
-        if text is None:
-            tok = self.engine.tokenizer
-            piece = tok.convert_ids_to_tokens(token_id)
-            text = tok.decode([token_id], skip_special_tokens=False)
-            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-                text = " " + text
-            self._token_strs[token_id] = text
-        return text
 
     def _logprobs(self, c: Any, params: GenerateParams) -> dict[str, list[Any]]:
         """FastChat's (and OpenAI's legacy) logprobs object, cumulative like `text`."""

@@ -65,6 +65,25 @@ def finite_logprob(logprob: float | None) -> float:
     return max(logprob, -9999.0)
 
 
+class TokenTexts:
+    """`texts(token_id)`: a token's text as OpenAI and FastChat show it in logprobs (a
+    SentencePiece word start keeps its space), decoded once per token id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            self._texts[token_id] = text
+        return text
+
+
 class _Job:
     """One engine request of an OpenAI request: one prompt, whose `n` outputs are choices
     prompt_index * n + output.index."""
@@ -108,7 +127,7 @@ class OpenAIServing:
             if chat_template is not None
             else resolve_chat_template(engine.tokenizer, model_names[0])
         )
-        self._token_strs: dict[int, str] = {}
+        self._token_str = TokenTexts(engine.tokenizer)
         # OpenAI's system_fingerprint: which backend configuration produced an answer.
         config = f"pagedserve:{model_names[0]}:{engine.max_model_len}"
         self.fingerprint = "fp_" + hashlib.sha256(config.encode()).hexdigest()[:10]
@@ -446,18 +465,6 @@ class OpenAIServing:
         return tok.encode(text, add_special_tokens=template.add_special_tokens)
 
     # -- logprobs ---------------------------------------------------------------------------
-
-    def _token_str(self, token_id: int) -> str:
-        """A token's text as OpenAI shows it (a SentencePiece word start keeps its space)."""
-        text = self._token_strs.get(token_id)
-        if text is None:
-            tok = self.engine.tokenizer
-            piece = tok.convert_ids_to_tokens(token_id)
-            text = tok.decode([token_id], skip_special_tokens=False)
-            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-                text = " " + text
-            self._token_strs[token_id] = text
-        return text
 
     @staticmethod
     def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
