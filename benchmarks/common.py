@@ -73,6 +73,12 @@ def matmul_bound_seconds(hf_config, prefill_tokens: int, decode_tokens: int, dty
     return (prefill_tokens + decode_tokens) * per_token + decode_tokens * head
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import Service, free_port, pagedserve, print_table, write_json
+from benchmarks.common import (
+    Service,
+    free_port,
+    pagedserve,
+    percentile,
+    print_table,
+    write_json,
+)
 
 POLICIES = ("round_robin", "least_load")
 
@@ -50,11 +57,6 @@ async def burst(controller: str, args) -> list[tuple[str, float]]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
         jobs = [one_request(client, controller, i / args.rate, args) for i in range(args.requests)]
         return await asyncio.gather(*jobs)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -31,7 +31,14 @@ import httpx
 from fastapi import FastAPI, Request  # module level: the stub's routes name them in annotations
 from fastapi.responses import StreamingResponse
 
-from benchmarks.common import Service, free_port, pagedserve, print_table, write_json
+from benchmarks.common import (
+    Service,
+    free_port,
+    pagedserve,
+    percentile,
+    print_table,
+    write_json,
+)
 
 FSCHAT_VERSION = "0.2.36"
 FSCHAT_DEPS = ["pydantic<2", "fastapi", "uvicorn", "httpx", "shortuuid", "requests", "aiohttp",
@@ -127,11 +134,6 @@ def pin(services: list[Service], worker: Service) -> str:
         os.sched_setaffinity(s.proc.pid, {cpus[0]} if s is worker else rest)
     os.sched_setaffinity(0, rest)
     return f"worker on CPU {cpus[0]}, proxies and client on CPUs {sorted(rest)}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -116,8 +116,7 @@ def load_hf(path: Path, dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def run_hf_serial(path, prompts, output_len, dtype) -> dict:
-    model = load_hf(path, dtype)
+def run_hf_serial(model, prompts, output_len) -> dict:
     start, generated = time.perf_counter(), 0
     with torch.inference_mode():
         for p in prompts:
@@ -130,8 +129,7 @@ def run_hf_serial(path, prompts, output_len, dtype) -> dict:
     return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
 
 
-def run_hf_batch(path, prompts, output_len, dtype) -> dict:
-    model = load_hf(path, dtype)
+def run_hf_batch(model, prompts, output_len) -> dict:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -164,9 +162,10 @@ def benchmark(path: Path, prompts: list[list[int]], args) -> dict:
     results = {"pagedserve": paged, "matmul_bound": bound}
     if not args.skip_hf:
         serial_prompts = prompts[: args.serial_prompts] if args.serial_prompts else prompts
-        results["hf_serial"] = run_hf_serial(path, serial_prompts, n_out, dtype)
-        results["hf_batch"] = run_hf_batch(path, prompts, n_out, dtype)
-        ttft = chat_ttft(engine, load_hf(path, dtype))
+        hf_model = load_hf(path, dtype)  # loaded once for all three baselines
+        results["hf_serial"] = run_hf_serial(hf_model, serial_prompts, n_out)
+        results["hf_batch"] = run_hf_batch(hf_model, prompts, n_out)
+        ttft = chat_ttft(engine, hf_model)
         if ttft:
             results["chat_ttft"] = ttft
     engine.shutdown()  # stops the tensor-parallel ranks, if any
