@@ -284,11 +284,16 @@ def shared_ray():
     assert_no_ray_left()
 
 
-def assert_ranks_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 15
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+def still_alive_after(pids: list[int], seconds: float = 15) -> list[int]:
+    """Those of `pids` still alive once all have died or `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in pids if _alive(p)], "a rank outlived its engine"
+    return alive
+
+
+def assert_ranks_gone(pids: list[int]) -> None:
+    assert not still_alive_after(pids), "a rank outlived its engine"
     assert not ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
     )
@@ -429,8 +434,5 @@ def test_a_worker_whose_rank_dies_leaves_the_registry_and_exits(tiny_llama, tmp_
     finally:
         worker.stop()
         controller.stop()
-    pids = [int(p.split(":")[0]) for p in worker_ray]
-    deadline = time.monotonic() + 15
-    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = still_alive_after([int(p.split(":")[0]) for p in worker_ray])
     assert not left, f"the worker's Ray outlived it: {left}"

@@ -301,18 +301,17 @@ def test_engine_layers_compute_through_the_kernels(monkeypatch, backend):
     from pagedserve.engine.layers import ActAndMul, RMSNorm, RotaryEmbedding
 
     monkeypatch.setenv(kernels.ENV_VAR, backend)
-    check = torch.testing.assert_close
     tol = {} if backend == "cpu" else dict(rtol=0, atol=0)
     gen = torch.Generator().manual_seed(7)
     norm = RMSNorm(48, 1e-6)
     norm.weight.data = torch.randn(48, generator=gen)
     x, residual = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen)
-    check(norm(x), ref.rms_norm(x, norm.weight, 1e-6), **tol)
+    torch.testing.assert_close(norm(x), ref.rms_norm(x, norm.weight, 1e-6), **tol)
     for got, want in zip(
         norm(x, residual), ref.rms_norm(x, norm.weight, 1e-6, residual), strict=True
     ):
-        check(got, want, **tol)
-    check(ActAndMul(nn.SiLU())(x), ref.silu_and_mul(x), **tol)
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(ActAndMul(nn.SiLU())(x), ref.silu_and_mul(x), **tol)
 
     rotary = RotaryEmbedding(80, 40, 64, {"rope_theta": 10000.0})
     positions = torch.tensor([0, 5, 63, 7])
@@ -321,8 +320,8 @@ def test_engine_layers_compute_through_the_kernels(monkeypatch, backend):
     ref.rotary_embedding(positions, want_q, want_k, rotary.cos, rotary.sin, 40)
     got_q, got_k = rotary(positions, q, k)
     assert got_q.data_ptr() == q.data_ptr()  # in place
-    check(got_q, want_q, **tol)
-    check(got_k, want_k, **tol)
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(got_k, want_k, **tol)
 
 
 # --- backend selection and the engine -------------------------------------------------------
