@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import build_random_model, print_table, write_json
-from pagedserve.engine import EngineConfig, LLMEngine, SamplingParams
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.sampling_params import SamplingParams
 
 DATASETS = {"alpaca": (19.31, 58.45), "sharegpt": (161.31, 337.99)}
 MAX_MODEL_LEN = 1024

@@ -26,7 +26,9 @@ from benchmarks.common import (
     random_prompts,
     write_json,
 )
-from pagedserve.engine import EngineConfig, LLMEngine, SamplingParams
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.sampling_params import SamplingParams
 
 
 def run_pagedserve(path, prompts, output_len, args) -> dict:

@@ -197,7 +197,7 @@ def worker(
         "seed": seed,
     }
     try:
-        from pagedserve.engine import EngineConfig
+        from pagedserve.engine.config import EngineConfig
 
         EngineConfig(model=model_path, **engine)  # refuse bad engine flags before starting
         config = WorkerConfig(

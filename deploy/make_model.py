@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +317,8 @@ def sized(arch: str, **sizes: int | float) -> dict[str, Any]:
 
 def train_tokenizer() -> PreTrainedTokenizerFast:
     """Train the byte-level BPE tokenizer on the shipped corpus (deterministic)."""
-    corpus = resources.files("pagedserve.deploy").joinpath("data/corpus.txt")
+    # Beside this file: importlib.resources cannot read a namespace package (deploy/ is one).
+    corpus = Path(__file__).parent / "data" / "corpus.txt"
     lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
 
     # No normalizer: any normalization (NFC, lowercasing) would break the byte round trip.

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve import kernels
 from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
+from pagedserve.kernels import ops
 
 
 def loaded_tensor(loaded) -> torch.Tensor:
@@ -168,7 +168,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused in so each layer hands on (normed, residual) pairs.
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -240,7 +240,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q [T, heads, head_dim] and k in place (views of the qkv projection are
         fine) and returns them."""
-        kernels.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
+        ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
         return q, k
 
 
@@ -274,7 +274,7 @@ class ActAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.act, nn.SiLU):  # the common case has a fused kernel
-            return kernels.silu_and_mul(x)
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -313,9 +313,9 @@ class PagedAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
-        return kernels.paged_attention(
+        return ops.paged_attention(
             q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
             batch.query_start_loc, self.scale, **window,
         )  # fmt: skip

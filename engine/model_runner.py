@@ -15,7 +15,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pagedserve import kernels
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
@@ -25,6 +24,7 @@ from pagedserve.engine.parallel import ParallelContext, StepInput
 from pagedserve.engine.sampler import Sample, SamplingTensors, sample
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.engine.sequence import Sequence
+from pagedserve.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ModelRunner:
             if config.cpu_threads is not None:
                 torch.set_num_threads(config.cpu_threads)
         # Chosen (and on a CPU, built or loaded) now rather than inside the first request.
-        logger.info("attention backend: %s", kernels.attention_backend(self.device))
+        logger.info("attention backend: %s", ops.attention_backend(self.device))
         self.model: nn.Module = loaded.model
         self.dtype = loaded.dtype
         self.block_size = config.block_size
@@ -202,7 +202,7 @@ class ModelRunner:
         (None on ranks other than 0). Every rank runs this for every step."""
         if step.block_copies:
             src, dst = zip(*step.block_copies, strict=True)
-            kernels.copy_blocks(
+            ops.copy_blocks(
                 self.k_caches, self.v_caches,
                 torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device),
             )  # fmt: skip

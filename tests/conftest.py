@@ -35,9 +35,9 @@ def build_cached(tmp_path_factory: pytest.TempPathFactory) -> BuildCached:
 def cpu_attention_kernel() -> None:
     """Build (or load) the C++ attention kernel once, before any test starts a server, so that
     no server's start-up timeout pays for the first compile."""
-    from pagedserve import kernels
+    from pagedserve.kernels import ops
 
-    kernels.attention_backend("cpu")
+    ops.attention_backend("cpu")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from pagedserve.engine import AsyncEngine, EngineConfig, SamplingParams
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

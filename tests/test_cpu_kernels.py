@@ -13,8 +13,7 @@ import pytest
 import torch
 from kernel_cases import MIXED, make_case
 
-from pagedserve import kernels
-from pagedserve.kernels import cpu
+from pagedserve.kernels import cpu, ops
 from pagedserve.kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ toolchain to build the kernel")
@@ -136,14 +135,14 @@ def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
     falls back to the reference with a warning; forcing the CPU kernel is refused clearly."""
     script = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
-        "from pagedserve import kernels\n"
-        "print('backend', kernels.attention_backend('cpu'))\n"
-        "import os; os.environ[kernels.ENV_VAR] = 'cpu'\n"
-        "try:\n    kernels.attention_backend('cpu')\n"
+        "from pagedserve.kernels import ops\n"
+        "print('backend', ops.attention_backend('cpu'))\n"
+        "import os; os.environ[ops.ENV_VAR] = 'cpu'\n"
+        "try:\n    ops.attention_backend('cpu')\n"
         "except ValueError as e:\n    print('refused:', e)\n"
     )
     env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    env.pop(kernels.ENV_VAR, None)
+    env.pop(ops.ENV_VAR, None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert "backend torch" in done.stdout, done.stdout + done.stderr

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.sampling_params import SamplingParams
 
 MAX_TOKENS = 24
 

@@ -212,7 +212,8 @@ def test_a_seed_makes_sampling_reproducible_whichever_worker_answers(stack: Stac
 
 
 def test_greedy_output_through_the_gateway_equals_the_engine_offline(stack: Stack) -> None:
-    from pagedserve.engine import LLM, SamplingParams
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.sampling_params import SamplingParams
 
     llm = LLM(str(stack.model_path), **ENGINE)
     tok = llm.tokenizer

@@ -9,28 +9,26 @@ them, so only the SmolLM2 tests depend on a download (and skip without one).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import zipfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
-
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
-
-from pagedserve.deploy import model_store  # noqa: E402
-from pagedserve.deploy.make_model import build_model, train_tokenizer  # noqa: E402
-from pagedserve.engine.gguf_loader import (  # noqa: E402
+from pagedserve.deploy import model_store
+from pagedserve.deploy.make_model import build_model, train_tokenizer
+from pagedserve.engine.gguf_loader import (
     iter_gguf_weights,
     load_gguf_config,
     load_gguf_tokenizer,
     resolve_gguf_file,
 )
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.sampling_params import SamplingParams
 
 TEXT = "The quick brown fox jumps over the lazy dog. Paged attention keeps the KV cache in blocks."
 # (quantization type, tied embeddings): ties vary so both the lm_head and the tied path are covered
@@ -350,19 +348,11 @@ def test_resolve_gguf_file(tmp_path):
 # ---------------------------------------------------------------- the engine on GGUF files
 
 
-def _engine_or_skip():
-    engine = importlib.import_module("pagedserve.engine")
-    if not hasattr(engine, "LLM") or not hasattr(engine, "SamplingParams"):
-        pytest.skip("pagedserve.engine.LLM is not there yet")
-    return engine
-
-
 def _greedy_matches_transformers(path: Path, prompts: list[str], max_tokens: int, reference=None):
-    engine = _engine_or_skip()
     tokenizer = load_gguf_tokenizer(path)
     reference = reference if reference is not None else _hf_from_gguf(path)
-    llm = engine.LLM(model=str(path))
-    outputs = llm.generate(prompts, engine.SamplingParams(temperature=0, max_tokens=max_tokens))
+    llm = LLM(model=str(path))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
     eos = reference.config.eos_token_id
     for prompt, output in zip(prompts, outputs, strict=True):
         ids = tokenizer(prompt, return_tensors="pt")

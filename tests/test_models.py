@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pagedserve.deploy.make_model import ARCHS
-from pagedserve.engine import LLM, EngineConfig, SamplingParams
 from pagedserve.engine.batch import Batch
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm import LLM
 from pagedserve.engine.model_loader import _max_model_len, load_model
 from pagedserve.engine.models import MODEL_REGISTRY, model_class
+from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.weights import CheckpointNames
 
 # (arch, preset) pairs: every family, and each layout of a family that takes its own code path.

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
-from pagedserve.engine import LLM, SamplingParams
+from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampler import apply_penalties
+from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
 EOS = 2  # the tiny models' </s>

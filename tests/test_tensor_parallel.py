@@ -19,14 +19,11 @@ import httpx
 import pytest
 import torch
 
-from pagedserve.engine import (
-    LLM,
-    AsyncEngine,
-    EngineConfig,
-    EngineDeadError,
-    LLMEngine,
-    SamplingParams,
-)
+from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.sampling_params import SamplingParams
 
 ray = pytest.importorskip("ray")
 
@@ -142,7 +139,7 @@ def test_bad_settings_are_refused_by_the_config(fields, message):
 
 def test_one_rank_imports_no_ray(tiny_llama):
     code = (
-        "import sys; from pagedserve.engine import LLM; "
+        "import sys; from pagedserve.engine.llm import LLM; "
         f"llm = LLM({str(tiny_llama)!r}, max_model_len=64, kv_cache_memory=1 << 20); "
         "llm.generate([1, 2, 3], use_tqdm=False); llm.shutdown(); "
         "assert 'ray' not in sys.modules, 'ray was imported'"

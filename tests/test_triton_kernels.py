@@ -39,7 +39,7 @@ if not ON_GPU and not DELEGATED:
 # 3.7 is the oldest interpreter that runs these kernels (3.6's fails on data-dependent loops).
 pytest.importorskip("triton", minversion="3.7", reason="needs triton >= 3.7 (pagedserve[triton])")
 
-from pagedserve import kernels  # noqa: E402
+from pagedserve.kernels import ops  # noqa: E402
 from pagedserve.kernels import reference as ref  # noqa: E402
 from pagedserve.kernels import triton as tk  # noqa: E402
 
@@ -300,7 +300,7 @@ def test_engine_layers_compute_through_the_kernels(monkeypatch, backend):
 
     from pagedserve.engine.layers import ActAndMul, RMSNorm, RotaryEmbedding
 
-    monkeypatch.setenv(kernels.ENV_VAR, backend)
+    monkeypatch.setenv(ops.ENV_VAR, backend)
     tol = {} if backend == "cpu" else dict(rtol=0, atol=0)
     gen = torch.Generator().manual_seed(7)
     norm = RMSNorm(48, 1e-6)
@@ -328,16 +328,16 @@ def test_engine_layers_compute_through_the_kernels(monkeypatch, backend):
 
 
 def test_backend_is_cpu_on_cpu_triton_on_cuda_unless_forced(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.attention_backend("cpu") == "cpu"  # the C++ kernel builds here
-    assert kernels.attention_backend("cuda") == "triton"
-    monkeypatch.setenv(kernels.ENV_VAR, "torch")
-    assert kernels.attention_backend("cuda") == "torch"
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    assert kernels.attention_backend("cpu") == "triton"
-    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.attention_backend("cpu") == "cpu"  # the C++ kernel builds here
+    assert ops.attention_backend("cuda") == "triton"
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    assert ops.attention_backend("cuda") == "torch"
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    assert ops.attention_backend("cpu") == "triton"
+    monkeypatch.setenv(ops.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="torch"):
-        kernels.attention_backend("cpu")
+        ops.attention_backend("cpu")
 
 
 def test_kernels_interface_dispatches_to_the_chosen_backend(monkeypatch):
@@ -346,15 +346,16 @@ def test_kernels_interface_dispatches_to_the_chosen_backend(monkeypatch):
     monkeypatch.setattr(ref, "silu_and_mul", lambda x: calls.append("torch") or x)
     x = torch.zeros(2, 4, device=DEVICE)
     for backend in ("triton", "torch"):
-        monkeypatch.setenv(kernels.ENV_VAR, backend)
-        kernels.silu_and_mul(x)
+        monkeypatch.setenv(ops.ENV_VAR, backend)
+        ops.silu_and_mul(x)
     assert calls == ["triton", "torch"]
 
 
 def test_engine_greedy_and_copy_on_write_match_the_torch_backend(tiny_llama, monkeypatch):
     """The engine end to end on the Triton kernels (paged attention, store_kv, copy_blocks for
     the parallel samples' shared last block) gives the torch backend's tokens."""
-    from pagedserve.engine import LLM, SamplingParams
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in (13, 4, 22)]
@@ -362,7 +363,7 @@ def test_engine_greedy_and_copy_on_write_match_the_torch_backend(tiny_llama, mon
     sampled = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)
 
     def run(backend):
-        monkeypatch.setenv(kernels.ENV_VAR, backend)
+        monkeypatch.setenv(ops.ENV_VAR, backend)
         memory = {"gpu_memory_utilization": 0.2} if ON_GPU else {"kv_cache_memory": 1 << 20}
         llm = LLM(tiny_llama, max_model_len=64, block_size=8, device=DEVICE, dtype="float32",
                   **memory)  # fmt: skip

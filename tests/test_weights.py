@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from pagedserve.engine import EngineConfig
+from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.weights import checkpoint_files
 

@@ -307,7 +307,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about the sun"}]
 
 @pytest.fixture(scope="module")
 def offline(tiny_llama: Path) -> Iterator[object]:
-    from pagedserve.engine import LLM
+    from pagedserve.engine.llm import LLM
 
     llm = LLM(str(tiny_llama), **ENGINE)
     yield llm
@@ -315,7 +315,7 @@ def offline(tiny_llama: Path) -> Iterator[object]:
 
 
 def offline_logprobs(llm: object, prompt_ids: list[int], stop_ids: list[int]) -> tuple[list, list]:
-    from pagedserve.engine import SamplingParams
+    from pagedserve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=3, stop_token_ids=stop_ids)
     out = llm.generate([prompt_ids], params, use_tqdm=False)[0].outputs[0]  # type: ignore[attr-defined]

@@ -122,7 +122,7 @@ class FastChatServing:
         return json.loads(frames[-1][:-1])
 
     def _convert(self, params: GenerateParams) -> tuple[list[int], Any]:
-        from pagedserve.engine import SamplingParams
+        from pagedserve.engine.sampling_params import SamplingParams
 
         if params.model is not None and params.model not in self.model_names:
             raise RequestError(

@@ -385,7 +385,7 @@ class OpenAIServing:
         logprobs: int | None,
         chat: bool = False,
     ) -> Any:
-        from pagedserve.engine import SamplingParams
+        from pagedserve.engine.sampling_params import SamplingParams
 
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         stop_ids = list(req.stop_token_ids or [])

@@ -1,4 +1,4 @@
-"""Attention and cache kernels behind one interface.
+"""Attention and cache kernels behind one interface (`from pagedserve.kernels import ops`).
 
 The PyTorch reference (`reference.py`) runs anywhere and is the specification; the Triton
 kernels (`triton/`) implement the same functions for GPUs, and `cpu/` a C++ decode attention
@@ -7,6 +7,10 @@ Triton on CUDA when the `triton` package is installed, the C++ kernel on CPU whe
 the reference otherwise. `PAGEDSERVE_ATTENTION_BACKEND=torch|cpu|triton` forces one (Triton on
 CPU tensors then needs `TRITON_INTERPRET=1`, Triton's interpreter). Callers never learn which
 one ran.
+
+This lives in a named module, not in `kernels/__init__.py`: the top-level folders are PEP 420
+namespace folders, so that from the checkout's root an installed package of the same name (Hugging
+Face's `kernels`, which `transformers` imports) always wins over them.
 """
 
 from __future__ import annotations
