@@ -5,8 +5,8 @@ straight to the worker, and against FastChat's openai_api_server in front of the
                                  [--no-fastchat] [--no-pin] [--json out.json]
 
 Starts a controller and one tiny-model worker, the gateway, and FastChat 0.2.36's
-openai_api_server (in a virtual environment of its own, cached as tests/test_fastchat_interop.py
-does; --no-fastchat leaves it out). Each round keeps --streams streaming /v1/completions requests
+openai_api_server (in a virtual environment of its own, from its lock: benchmarks/peers.py;
+--no-fastchat leaves it out). Each round keeps --streams streaming /v1/completions requests
 in flight down each path in turn (same prompts, greedy, so every path does the same work), paths
 interleaved round by round so that drift hits them alike. The worker gets CPU 0 to itself and
 the proxies share the others (--no-pin: no placement). Prints, per path, p50/p99 of request
@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,30 +37,7 @@ from benchmarks.common import (
     print_table,
     write_json,
 )
-
-FSCHAT_VERSION = "0.2.36"
-FSCHAT_DEPS = ["pydantic<2", "fastapi", "uvicorn", "httpx", "shortuuid", "requests", "aiohttp",
-               "tiktoken"]  # fmt: skip
-
-
-def fschat_python() -> Path:
-    """FastChat's venv (pydantic 1), shared with tests/test_fastchat_interop.py's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve"
-    venv = cache / f"fschat-venv-{FSCHAT_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import fastchat.serve.openai_api_server"]
-    if python.exists() and subprocess.run(check, capture_output=True, cwd=cache).returncode == 0:
-        return python
-    print(f"building a venv with fschat=={FSCHAT_VERSION} in {venv} ...", flush=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    for step in (
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", f"fschat=={FSCHAT_VERSION}"],
-        [str(python), "-m", "pip", "install", "-q", *FSCHAT_DEPS],
-    ):
-        subprocess.run(step, check=True, timeout=600)
-    return python
+from benchmarks.peers import fastchat_python
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
@@ -212,7 +187,7 @@ def main() -> None:
         if not args.no_fastchat:
             port = free_port()
             fastchat = Service("fastchat", [
-                str(fschat_python()), "-m", "fastchat.serve.openai_api_server", "--host",
+                str(fastchat_python()), "-m", "fastchat.serve.openai_api_server", "--host",
                 "127.0.0.1", "--port", str(port), "--controller-address", controller.url,
             ], port, "/v1/models", work, env={"LOGDIR": str(work)})  # fmt: skip
             services.append(fastchat)

@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -31,59 +28,7 @@ from servers import (
     worker_process,
 )
 
-FSCHAT_VERSION = "0.2.36"
-# What fastchat.serve.openai_api_server imports, with the pydantic FastChat was written for.
-FSCHAT_DEPS = [
-    "pydantic<2",
-    "fastapi",
-    "uvicorn",
-    "httpx",
-    "shortuuid",
-    "requests",
-    "aiohttp",
-    "tiktoken",
-]
-
-
-def fschat_venv() -> Path:
-    """A venv with fschat, built once per FastChat and Python version and cached."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve"
-    tag = f"fschat-venv-{FSCHAT_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
-    venv = cache / tag
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import fastchat.serve.openai_api_server"]
-    if python.exists() and subprocess.run(check, capture_output=True, cwd=cache).returncode == 0:
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    building = cache / f"{tag}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(building)],
-        [
-            str(building / "bin/python"),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            f"fschat=={FSCHAT_VERSION}",
-        ],
-        [str(building / "bin/python"), "-m", "pip", "install", "-q", *FSCHAT_DEPS],
-    ]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            shutil.rmtree(building, ignore_errors=True)
-            pytest.skip(
-                f"cannot install fschat=={FSCHAT_VERSION} with pip: {done.stderr.strip()[-600:]}"
-            )
-    # venvs hard-code their own path in scripts, but `python -m ...` works from any path.
-    try:
-        building.rename(venv)
-    except OSError:  # another run finished first: use its venv
-        shutil.rmtree(building, ignore_errors=True)
-    return venv
+from benchmarks.peers import fastchat_python
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +67,11 @@ def pagedserve_stack(
 def fastchat_api(
     pagedserve_stack: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    venv = fschat_venv()
+    python = fastchat_python()
     run_dir = tmp_path_factory.mktemp("fschat")  # FastChat writes its log files into the cwd
     port = free_port()
     argv = [
-        str(venv / "bin/python"), "-m", "fastchat.serve.openai_api_server",
+        str(python), "-m", "fastchat.serve.openai_api_server",
         "--host", "127.0.0.1", "--port", str(port), "--controller-address", pagedserve_stack.url,
     ]  # fmt: skip
     server = ServerProcess(

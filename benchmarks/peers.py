@@ -1,0 +1,54 @@
+"""The peers pagedserve is tested and measured against, each in a venv of its own, installed
+from its lock (`requirements/NAME.txt`, compiled by `make lock`): FastChat 0.2.36 needs
+pydantic 1, which cannot live beside pagedserve's pydantic 2.
+
+A venv is built once per lock and Python version, under ~/.cache/pagedserve, and named after
+the lock's hash: a refreshed lock gets a new venv, and the old one is removed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from uv import find_uv_bin
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve"
+
+
+def peer_python(name: str) -> Path:
+    """The Python of the venv that `requirements/{name}.txt` describes, built on first use."""
+    lock = REPO / "requirements" / f"{name}.txt"
+    tag = f"{name}-venv-py{sys.version_info[0]}{sys.version_info[1]}"
+    venv = CACHE / f"{tag}-{hashlib.sha256(lock.read_bytes()).hexdigest()[:12]}"
+    if (venv / "complete").exists():
+        return venv / "bin" / "python"
+    building = CACHE / f"{venv.name}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    uv = find_uv_bin()
+    for step in (
+        [uv, "venv", "-q", "--python", sys.executable, str(building)],
+        [uv, "pip", "sync", "-q", "--python", str(building / "bin" / "python"), str(lock)],
+    ):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            shutil.rmtree(building, ignore_errors=True)
+            raise RuntimeError(f"cannot build the {name} venv from {lock}: {done.stderr[-2000:]}")
+    (building / "complete").touch()
+    try:  # `python -m ...` runs from a moved venv (only its scripts name the old path)
+        building.rename(venv)
+    except OSError:  # another run finished first: use its venv
+        shutil.rmtree(building, ignore_errors=True)
+    for stale in CACHE.glob(f"{tag}-*"):
+        if stale != venv and ".building-" not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    return venv / "bin" / "python"
+
+
+def fastchat_python() -> Path:
+    """FastChat 0.2.36's venv (requirements/fastchat.in)."""
+    return peer_python("fastchat")
