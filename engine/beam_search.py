@@ -63,8 +63,13 @@ class BeamSearch:
         cur_len = beams[0].num_tokens
         ranked = sorted(
             (
-                Candidate(tok, lp, samples[b.seq_id].top,
-                          score=self.scores.get(b.seq_id, 0.0) + lp, parent=b)  # fmt: skip
+                Candidate(
+                    tok,
+                    lp,
+                    samples[b.seq_id].top,
+                    score=self.scores.get(b.seq_id, 0.0) + lp,
+                    parent=b,
+                )
                 for b in beams
                 for tok, lp in samples[b.seq_id].top.items()
             ),
@@ -130,9 +135,12 @@ class BeamSearch:
             score = self.scores.get(beam.seq_id, 0.0)
             self.hyps.append(
                 Hypothesis(
-                    score / generated**self.length_penalty, True, list(beam.token_ids), score,
+                    score / generated**self.length_penalty,
+                    True,
+                    list(beam.token_ids),
+                    score,
                     logprobs=None if self.logprobs is None else list(beam.logprobs),
-                )  # fmt: skip
+                )
             )
         self.hyps = sorted(self.hyps, key=lambda h: -h.score)[: self.width]
         self.done = True
