@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from pagedserve.deploy.engine_options import engine_options
 
 app = typer.Typer(
     help="pagedserve: serve many LLMs at once on a paged-KV engine.", no_args_is_help=True
@@ -142,64 +145,40 @@ def controller(
 
 
 @app.command()
+@engine_options
 def worker(
     model_path: str = typer.Option(..., help="Model folder (Hugging Face layout) or GGUF file."),
     model_names: str | None = typer.Option(
-        None, help="Comma-separated names to serve it under [default: the folder's name]."
+        None, help="Comma-separated names to serve it under.", show_default="the folder's name"
     ),
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(21002, help="Port to bind."),
     controller_address: str = typer.Option("http://127.0.0.1:21001", help="The controller's URL."),
     worker_address: str | None = typer.Option(
-        None, help="URL at which the controller reaches this worker [default: http://HOST:PORT]."
+        None,
+        help="URL at which the controller reaches this worker.",
+        show_default="http://HOST:PORT",
     ),
-    no_register: bool = typer.Option(False, help="Run alone: do not register with a controller."),
+    no_register: bool = typer.Option(
+        False, "--no-register", help="Run alone: do not register with a controller."
+    ),
     heartbeat_interval: float = typer.Option(10.0, help="Seconds between heartbeats."),
     drain_timeout: float = typer.Option(
         30.0, help="On SIGTERM, seconds to let requests in flight finish."
     ),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    max_model_len: int | None = typer.Option(None, help="Longest sequence [default: the model's]."),
-    block_size: int = typer.Option(16, help="Tokens per KV-cache block."),
-    kv_cache_memory: int | None = typer.Option(None, help="Bytes of KV cache on a CPU."),
-    max_num_seqs: int = typer.Option(256, help="Most sequences in one step."),
-    max_num_batched_tokens: int | None = typer.Option(None, help="Most tokens in one step."),
-    tensor_parallel_size: int = typer.Option(1, help="Ranks to shard the model over."),
-    ray_address: str | None = typer.Option(
-        None, help="With --tensor-parallel-size > 1: join this Ray cluster [default: a local Ray]."
-    ),
-    cpu_threads: int | None = typer.Option(
-        None,
-        help="Threads for the CPU matmuls [default: one per core]; split the cores "
-        "between the workers of one machine.",
-    ),
-    seed: int = typer.Option(0, help="Engine seed."),
     chat_template: str | None = typer.Option(
         None,
-        help="Chat template: a built-in (FastChat) name such as vicuna_v1.1, or a Jinja file "
-        "[default: the tokenizer's own, else the built-in one the model's name matches].",
+        help="Chat template: a built-in (FastChat) name such as vicuna_v1.1, or a Jinja file.",
+        show_default="the tokenizer's own, else the built-in one the model's name matches",
     ),
+    **engine: Any,  # one flag per EngineConfig field, from engine_options
 ) -> None:
     """Run a model worker: one engine behind FastChat's worker API and OpenAI's API."""
+    from pagedserve.engine.config import EngineConfig
     from pagedserve.worker.config import WorkerConfig
     from pagedserve.worker.server import serve
 
-    engine = {
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "block_size": block_size,
-        "kv_cache_memory": kv_cache_memory,
-        "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": max_num_batched_tokens,
-        "tensor_parallel_size": tensor_parallel_size,
-        "ray_address": ray_address,
-        "cpu_threads": cpu_threads,
-        "seed": seed,
-    }
     try:
-        from pagedserve.engine.config import EngineConfig
-
-        EngineConfig(model=model_path, **engine)  # refuse bad engine flags before starting
         config = WorkerConfig(
             model_path=model_path,
             model_names=[n.strip() for n in model_names.split(",")] if model_names else [],
@@ -210,7 +189,7 @@ def worker(
             heartbeat_interval=heartbeat_interval,
             drain_timeout=drain_timeout,
             chat_template=chat_template,
-            engine=engine,
+            engine=EngineConfig(model=model_path, **engine),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

@@ -85,7 +85,7 @@ class LLMEngine:
             raise ValueError(
                 f"the KV cache holds {self.runner.num_blocks * config.block_size} tokens, fewer than "
                 f"one sequence of max_model_len={self.max_model_len}; lower --max-model-len or "
-                "raise --kv-cache-memory / --gpu-memory-utilization"
+                f"raise {config.kv_cache_flag}"
             )
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching

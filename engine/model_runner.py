@@ -78,8 +78,7 @@ class ModelRunner:
             raise ValueError(
                 f"the KV-cache budget ({budget} bytes"
                 + (" on some rank" if self.ctx.size > 1 else "")
-                + f") holds no block of {self.block_bytes} bytes; "
-                "raise --kv-cache-memory (CPU) or --gpu-memory-utilization (CUDA)"
+                + f") holds no block of {self.block_bytes} bytes; raise {self.config.kv_cache_flag}"
             )
         return int(num_blocks)
 

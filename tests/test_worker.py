@@ -732,7 +732,6 @@ def test_a_model_that_cannot_load_makes_the_worker_exit_with_an_error(tmp_path: 
         ({"drain_timeout": -1}, "drain_timeout"),
         ({"model_names": ["ok", " "]}, "model_names"),
         ({"port": 0}, "port"),
-        ({"engine": {"model": "x"}}, "model_path"),
     ],
 )
 def test_worker_config_refuses_bad_values(fields: dict, message: str) -> None:

@@ -1,14 +1,16 @@
 """A model worker's configuration: one dataclass, filled from `pagedserve worker` flags.
 
-The engine's own settings stay in `EngineConfig` (its flags map onto its fields one to one);
-this holds what the worker process adds: names, addresses, heartbeats, draining.
+The engine's own settings stay in `EngineConfig` (its flags map onto its fields one to one),
+held whole in `engine`; this adds what the worker process needs: names, addresses,
+heartbeats, draining.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from pagedserve.engine.config import EngineConfig
 
 
 @dataclass
@@ -28,8 +30,8 @@ class WorkerConfig:
     # --chat-template: a built-in (FastChat) template's name or a Jinja file; None: the
     # tokenizer's own template, else the built-in one the model's name matches.
     chat_template: str | None = None
-    # Keyword arguments of EngineConfig (model is model_path); see pagedserve.engine.
-    engine: dict[str, Any] = field(default_factory=dict)
+    # The engine's settings, whose model is model_path; None: EngineConfig's defaults.
+    engine: EngineConfig | None = None
 
     def __post_init__(self) -> None:
         self.model_path = str(self.model_path)
@@ -63,5 +65,10 @@ class WorkerConfig:
             self.worker_address = f"http://{host}:{self.port}"
         if self.chat_template is not None and not str(self.chat_template).strip():
             raise ValueError("chat_template must name a built-in template or a file")
-        if "model" in self.engine:
-            raise ValueError("engine settings take the model from model_path, not 'model'")
+        if self.engine is None:
+            self.engine = EngineConfig(model=self.model_path)
+        elif str(self.engine.model) != self.model_path:
+            raise ValueError(
+                f"engine.model {self.engine.model!r} differs from model_path {self.model_path!r}; "
+                "the worker serves model_path"
+            )

@@ -34,9 +34,8 @@ ENGINE_CHECK_INTERVAL = 1.0  # seconds between checks that the engine still serv
 def default_engine_factory(config: WorkerConfig) -> EngineFactory:
     def build() -> Any:
         from pagedserve.engine.async_engine import AsyncEngine
-        from pagedserve.engine.config import EngineConfig
 
-        return AsyncEngine(EngineConfig(model=config.model_path, **config.engine))
+        return AsyncEngine(config.engine)
 
     return build
 
