@@ -19,7 +19,7 @@ class SamplingTensors:
     top_p: torch.Tensor
     top_k: torch.Tensor  # 0: off
     min_p: torch.Tensor
-    banned: list[list[int]]  # per row, tokens masked out (EOS before min_tokens)
+    banned: list[list[int]]  # per row, tokens masked out (EOS and stop tokens before min_tokens)
     generators: list[torch.Generator | None]
     seqs: list[Sequence]  # the sequence of each row (a row per sample drawn)
     num_logprobs: int  # top-k alternatives to report (the most any row wants)
@@ -32,20 +32,22 @@ class SamplingTensors:
         device,
         samples: list[int] | None = None,
     ) -> SamplingTensors:
-        """`samples[i]` rows for `seqs[i]` (several when a prompt fans out into best_of)."""
+        """`samples[i]` rows for `seqs[i]` (several when a prompt fans out into best_of).
+
+        Until a row has `min_tokens` outputs, every EOS id and stop token id is banned, also
+        with ignore_eos, as in vLLM and transformers' `min_new_tokens`."""
         rows = [s for s, k in zip(seqs, samples or [1] * len(seqs), strict=True) for _ in range(k)]
 
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
         params = [s.params for s in rows]
-        banned = []
-        for s in rows:
-            p = s.params
-            stops = []
-            if s.num_output_tokens < p.min_tokens:
-                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-            banned.append(stops)
+        banned = [
+            [*eos_token_ids, *s.params.stop_token_ids]
+            if s.num_output_tokens < s.params.min_tokens
+            else []
+            for s in rows
+        ]
         wanted = [
             max(p.logprobs or 0, 2 * p.beam_width if p.use_beam_search else 0) for p in params
         ]
@@ -85,7 +87,9 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
                 repeats.append(1)
         logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
     logits = apply_penalties(logits.float(), t.seqs)
+    vocab = logits.shape[-1]
     for row, tokens in enumerate(t.banned):
+        tokens = [token for token in tokens if token < vocab]  # the rest can never be sampled
         if tokens:
             logits[row, tokens] = -float("inf")
     logprobs = torch.log_softmax(logits, dim=-1)

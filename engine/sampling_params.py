@@ -17,7 +17,7 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     max_tokens: int | None = 16  # None: up to the model's context length
-    min_tokens: int = 0
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until then (with ignore_eos too)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

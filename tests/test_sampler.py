@@ -230,16 +230,24 @@ def seq_with_outputs(params: SamplingParams, num_outputs: int) -> Sequence:
     return seq
 
 
-def test_eos_and_stop_tokens_are_banned_until_min_tokens() -> None:
+def test_eos_and_stop_tokens_are_banned_until_min_tokens_also_with_ignore_eos() -> None:
     params = SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=[9])
     ignore = SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=[9], ignore_eos=True)
     seqs = [
         seq_with_outputs(params, 2),
         seq_with_outputs(params, 3),
         seq_with_outputs(ignore, 0),
+        seq_with_outputs(ignore, 3),
     ]
-    t = SamplingTensors.from_seqs(seqs, eos_token_ids=[2], device="cpu")
-    assert [sorted(b) for b in t.banned] == [[2, 9], [], [9]]
+    t = SamplingTensors.from_seqs(seqs, eos_token_ids=[2, 4], device="cpu")
+    assert [sorted(b) for b in t.banned] == [[2, 4, 9], [], [2, 4, 9], []]
+
+
+def test_a_banned_stop_token_outside_the_vocabulary_is_ignored() -> None:
+    seq = seq_with_outputs(SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=[50]), 0)
+    t = SamplingTensors.from_seqs([seq], eos_token_ids=[2], device="cpu")
+    logits = torch.tensor([[0.0, 1.0, 50.0, 2.0]])
+    assert sample(logits, t)[0].token == 3
 
 
 def test_min_tokens_keeps_a_dominant_eos_from_being_sampled() -> None:
@@ -337,3 +345,68 @@ def test_penalties_and_logit_bias_follow_openai_and_transformers() -> None:
     assert out[2] == pytest.approx([1.0, 2.0, -8.0, 3.0, 1.0])
     assert out[3] == pytest.approx([11.0, 4.0, -4.0, 6.0, -0.5])
     assert out[4] == logits[4].tolist(), "a row without penalties is left alone"
+
+
+# --- min_tokens against transformers' min_new_tokens ----------------------------------------
+
+MIN_TOKENS, MAX_TOKENS = 8, 16
+STOP = 653
+# tiny_llama's greedy continuation of each of these emits EOS within MIN_TOKENS tokens, and
+# that of [259] the token STOP before it.
+EOS_EARLY = [[75], [259], [396], [909], [1006]]
+
+
+def transformers_greedy(model, prompt: list[int], params: SamplingParams) -> list[int]:
+    """transformers' greedy continuation under `params`, through the processor that
+    `min_new_tokens` builds, banning EOS and the stop tokens until `min_tokens`. transformers
+    has no ignore_eos: with it, EOS is banned all the same but no longer ends the sequence."""
+    from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+
+    eos = model.generation_config.eos_token_id
+    ends = [*params.stop_token_ids, *([] if params.ignore_eos else [eos])]
+    ban = MinNewTokensLengthLogitsProcessor(
+        len(prompt), params.min_tokens, [eos, *params.stop_token_ids]
+    )
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=params.max_tokens, do_sample=False,
+        logits_processor=LogitsProcessorList([ban]), eos_token_id=ends or None, pad_token_id=0,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_llama):
+    """transformers' model and pagedserve's engine on tiny_llama's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve.engine.llm import LLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with LLM(tiny_llama, max_model_len=64) as llm:
+        yield model, llm
+
+
+def test_the_prompts_reach_eos_and_the_stop_token_inside_min_tokens(tiny_pair) -> None:
+    model, _ = tiny_pair
+    free = [
+        transformers_greedy(model, p, SamplingParams(temperature=0, max_tokens=MIN_TOKENS))
+        for p in EOS_EARLY
+    ]
+    assert all(out[-1] == model.generation_config.eos_token_id for out in free)
+    assert any(STOP in out for out in free)
+
+
+@pytest.mark.parametrize(
+    "ignore_eos, stop_token_ids",
+    [(False, []), (True, []), (False, [STOP]), (True, [STOP])],
+    ids=["eos", "ignore_eos", "stop_token", "stop_token_ignore_eos"],
+)
+def test_min_tokens_matches_transformers_min_new_tokens(tiny_pair, ignore_eos, stop_token_ids):
+    model, llm = tiny_pair
+    params = SamplingParams(
+        temperature=0, min_tokens=MIN_TOKENS, max_tokens=MAX_TOKENS,
+        ignore_eos=ignore_eos, stop_token_ids=stop_token_ids,
+    )  # fmt: skip
+    got = [o.outputs[0].token_ids for o in llm.generate(EOS_EARLY, params, use_tqdm=False)]
+    assert got == [transformers_greedy(model, p, params) for p in EOS_EARLY]
+    assert all(len(out) >= MIN_TOKENS for out in got)
