@@ -39,7 +39,10 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
             kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
         )
     )  # fmt: skip
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    # The same work as transformers' min_new_tokens=output_len below: EOS banned to the end.
+    params = SamplingParams(
+        temperature=0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True
+    )
     profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
     if profiler:
