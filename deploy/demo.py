@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def ask(gateway_url: str, model: str, question: str) -> str:
 
 
 def run_demo(wait: bool = True) -> None:
+    # `kill PID` (a service manager, docker stop) stops the stack as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     models = demo_models()
     stack = LocalStack(
         controller_port=env_port("controller", 21001),
@@ -120,6 +123,6 @@ def run_demo(wait: bool = True) -> None:
                     raise RuntimeError(f"{service.name} stopped; see {service.log_path}")
             time.sleep(1)
     except KeyboardInterrupt:
-        print("\nstopping")
+        print("\nstopping (Ctrl-C again to kill at once)")
     finally:
         stack.stop()

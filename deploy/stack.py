@@ -3,6 +3,8 @@ gateway, arena. `make demo` uses it; so can anyone who wants the stack on one ma
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +20,18 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
 
 @dataclass
 class Service:
+    """One process of the stack, in its own session and process group.
+
+    Its own session keeps the terminal's Ctrl-C from reaching it, so that whoever runs the
+    stack decides when and how it stops; its own group lets one kill reach whatever it started.
+    Neither helps when that runner dies without stopping it (kill -9, a crash): no signal can
+    come from a dead process, so on Linux the kernel is asked to send one (_die_with_parent)."""
+
     name: str
     argv: list[str]
     ready_url: str
@@ -27,23 +39,38 @@ class Service:
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: the service stops its own way (a worker drains first)."""
+        if self.alive():
+            self.process.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL to the service and to whatever it started in its group, without waiting."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left of it
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the service has exited (and been reaped) within `timeout` seconds."""
+        if self.process is None:
+            return True
         try:
-            self.process.wait(timeout)
+            self.process.wait(None if timeout is None else max(0.0, timeout))
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            return False
+        return True
 
 
 @dataclass
@@ -71,9 +98,12 @@ class LocalStack:
         _require_free(self.host, port, name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "pagedserve.deploy.cli", *args]
-        service = Service(name, argv, ready_url, self.log_dir / f"{name}.log")
+        return self.start(Service(name, argv, ready_url, self.log_dir / f"{name}.log"))
+
+    def start(self, service: Service) -> Service:
+        """Start any service as part of the stack: stop() stops it with the others."""
+        self.services.append(service)  # first: an interrupt during the start still finds it
         service.start()
-        self.services.append(service)
         return service
 
     def start_controller(self) -> Service:
@@ -136,10 +166,25 @@ class LocalStack:
             time.sleep(0.5)
         raise TimeoutError(f"the gateway did not list {names} within {timeout:.0f}s")
 
-    def stop(self) -> None:
-        for service in reversed(self.services):  # the UI and gateway first, the controller last
-            service.stop()
-        self.services.clear()
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to every service at once, SIGKILL to those still running `timeout` seconds
+        later: one deadline for the whole stack, not one per service. An interrupt while
+        waiting (an impatient second Ctrl-C) kills them all at once, then goes on up."""
+        try:
+            for service in self.services:
+                service.terminate()
+            deadline = time.monotonic() + timeout
+            for service in self.services:
+                service.wait(deadline - time.monotonic())
+        except KeyboardInterrupt:
+            logger.warning("interrupted while stopping: killing the services still running")
+            raise
+        finally:
+            for service in self.services:  # every kill first: nothing waits before all are sent
+                service.kill()
+            for service in self.services:
+                service.wait()
+            self.services.clear()
 
 
 def _require_free(host: str, port: int, name: str) -> None:
@@ -149,6 +194,26 @@ def _require_free(host: str, port: int, name: str) -> None:
                 f"port {port} for the {name} is taken; stop what runs there or set "
                 f"PAGEDSERVE_{name.split('-')[0].upper()}_PORT"
             )
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when this process dies, however it dies
+    (PR_SET_PDEATHSIG); None elsewhere. SIGTERM rather than SIGKILL: each service then stops
+    its own way and takes its own children (a worker's Ray ranks) along.
+
+    Linux sends it when the *thread* that started the child ends, not the process: start
+    services from a thread that lives as long as the stack (the main one)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None).prctl  # looked up here: the forked child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return preexec
 
 
 def env_port(name: str, default: int) -> int:
