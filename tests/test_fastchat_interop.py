@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,11 +135,31 @@ def test_fastchat_openai_server_streams_chat_through_pagedserve(
     assert streamed == whole["choices"][0]["message"]["content"]  # greedy: same text
 
 
-def test_fastchat_openai_server_completions_through_pagedserve(fastchat_api: ServerProcess) -> None:
+def test_fastchat_openai_server_completions_through_pagedserve(
+    fastchat_api: ServerProcess, pagedserve_stack: ServerProcess
+) -> None:
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
     r = httpx.post(fastchat_api.url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] <= 6
+    got = r.json()
+    # The same request sent to a worker directly, as FastChat's get_gen_params builds it: no
+    # echo, the conversation template's stop string and stop token ids.
+    ctl = pagedserve_stack.url
+    worker = httpx.post(ctl + "/get_worker_address", json={"model": "tiny"}).json()["address"]
+    conv = httpx.post(worker + "/worker_get_conv_template", json={"model": "tiny"}).json()["conv"]
+    stop = conv["stop_str"]
+    params = {
+        "model": "tiny", "prompt": body["prompt"], "temperature": 0, "max_new_tokens": 6,
+        "echo": False, "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "stop_token_ids": conv["stop_token_ids"],
+    }  # fmt: skip
+    direct = httpx.post(worker + "/worker_generate", json=params, timeout=60).json()
+    assert direct["error_code"] == 0, direct
+    choice = got["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (direct["text"], direct["finish_reason"])
+    assert got["usage"] == direct["usage"]
+    tokens = got["usage"]["completion_tokens"]
+    assert 0 < tokens <= 6 and (tokens == 6) == (choice["finish_reason"] == "length")
 
 
 def test_fastchat_openai_server_gets_a_clear_error_for_bad_parameters(
@@ -257,12 +276,17 @@ def test_a_fastchat_style_worker_registers_and_serves_through_the_controller(
                 "you said: hi",
             ]
 
-            time.sleep(
-                3.5
-            )  # past an expiry period: heartbeats and /worker_get_status checks keep it
-            assert [
-                w["worker_name"] for w in httpx.get(ctl.url + "/workers").json()["workers"]
-            ] == [worker.url]
+            def outlived_an_expiry_period() -> bool:
+                # Heartbeats and /worker_get_status checks keep it: listed all along, ready,
+                # and never dropped and registered again (its registration time is the first).
+                workers = httpx.get(ctl.url + "/workers").json()["workers"]
+                assert [w["worker_name"] for w in workers] == [worker.url], workers
+                (w,) = workers
+                assert w["registered_at"] == entry["registered_at"], w
+                assert w["status"] == "ready", w
+                return w["last_heart_beat"] - w["registered_at"] > 3  # heartbeat_expiration
+
+            wait_until(outlived_an_expiry_period, 30, what="a heartbeat past one expiry period")
             worker.kill()
             wait_until(
                 lambda: httpx.get(ctl.url + "/workers").json()["workers"] == [],

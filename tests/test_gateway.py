@@ -76,11 +76,26 @@ def stack(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 15,
                 what="both workers registered and routed",
             )
-            time.sleep(0.6)  # one more routing refresh: the gateway sees both workers
+            wait_until(
+                lambda: routes_to_both(gateway, workers), 30, what="the gateway routes to both"
+            )
             yield Stack(ctl, workers, gateway, tiny_llama)
         finally:
             for p in (gateway, *workers):
                 p.stop()
+
+
+def routes_to_both(gateway: ServerProcess, workers: list[ServerProcess]) -> bool:
+    """One short request through the gateway; True once every worker has answered one."""
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1}
+    httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+    return all(metric(w.url, "pagedserve_worker_requests_total") > 0 for w in workers)
+
+
+def chats_served(stack: Stack) -> list[float]:
+    """Each worker's count of chat completions run."""
+    route = "/v1/chat/completions"
+    return [metric(w.url, "pagedserve_worker_requests_total", route=route) for w in stack.workers]
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -191,10 +206,10 @@ def test_stop_strings_end_the_answer(stack: Stack) -> None:
     client = stack.client()
     args = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
     full = client.completions.create(**args).choices[0].text
-    stop = full[len(full) // 2 :][:2]
-    assume = stop.strip() and full.index(stop) > 0
-    if not assume:
-        pytest.skip(f"no usable stop string in {full!r}")
+    # two characters of the answer's second half, not blank, that first occur past its start
+    pairs = (full[i : i + 2] for i in range(len(full) // 2, len(full) - 1))
+    stop = next((p for p in pairs if p.strip() and full.index(p) > 0), None)
+    assert stop is not None, f"no usable stop string in {full!r}"
     cut = client.completions.create(**args, stop=[stop]).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
@@ -202,9 +217,17 @@ def test_stop_strings_end_the_answer(stack: Stack) -> None:
 def test_a_seed_makes_sampling_reproducible_whichever_worker_answers(stack: Stack) -> None:
     client = stack.client()
     args = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0}
+    before = chats_served(stack)
     first = [client.chat.completions.create(**args, seed=1234) for _ in range(4)]
     texts = {c.choices[0].message.content for c in first}
-    assert len(texts) == 1  # four requests, spread over both workers, one answer
+    assert len(texts) == 1  # four requests, one answer
+
+    def all_four_counted() -> list[float] | None:
+        now = chats_served(stack)
+        return now if sum(now) >= sum(before) + 4 else None
+
+    after = wait_until(all_four_counted, 10, what="the four chats counted by the workers")
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)  # each answered
     others = {
         client.chat.completions.create(**args, seed=s).choices[0].message.content for s in (1, 2)
     }

@@ -331,6 +331,7 @@ def test_the_circuit_breaker_skips_a_failing_worker_and_tries_it_again_later(
     url = gateway.url + "/v1/chat/completions"
     bad = cluster.stubs[0]
     cluster.control(bad, openai_status=500)
+    start = time.monotonic()  # the circuit opens after this, so its cooldown ends 1.5 s later
     for _ in range(4):
         assert httpx.post(url, json=CHAT).status_code == 200
     assert metric(gateway.url, "pagedserve_gateway_open_circuits") == 1
@@ -339,11 +340,18 @@ def test_the_circuit_breaker_skips_a_failing_worker_and_tries_it_again_later(
         assert httpx.post(url, json=CHAT).status_code == 200
     assert cluster.control(bad)["openai_requests"] == hits  # skipped while open
     cluster.control(bad, openai_status=200)
-    time.sleep(1.6)
+
+    def tried_again() -> bool:
+        assert httpx.post(url, json=CHAT).status_code == 200
+        return cluster.control(bad)["openai_requests"] > hits
+
+    wait_until(tried_again, 30, what="a trial request to the skipped worker")
+    assert time.monotonic() - start >= 1.5  # not before its cooldown
+    assert metric(gateway.url, "pagedserve_gateway_open_circuits") == 0  # the trial worked
+    hits = cluster.control(bad)["openai_requests"]
     for _ in range(4):
         assert httpx.post(url, json=CHAT).status_code == 200
-    assert cluster.control(bad)["openai_requests"] > hits  # the trial worked: back in rotation
-    assert metric(gateway.url, "pagedserve_gateway_open_circuits") == 0
+    assert cluster.control(bad)["openai_requests"] > hits  # back in rotation
 
 
 def test_a_slow_first_token_fails_over_and_all_slow_times_out_with_504(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from servers import RedisServer, free_port, redis_or_skip
 
+from pagedserve.api_gateway import rate_limit
 from pagedserve.api_gateway.auth import ApiKey, KeyRing
 from pagedserve.api_gateway.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from pagedserve.api_gateway.concurrency import ConcurrencyLimiter
@@ -172,10 +174,26 @@ class _BrokenLimiter:
         pass
 
 
-def test_key_limits_let_requests_through_when_the_store_fails() -> None:
-    limits = KeyRateLimits(_BrokenLimiter(), lambda _: None)
-    admission = run(limits.admit(ApiKey(name="x", rpm=1, tpm=1), 5))
-    run(limits.settle(admission, 50))  # logged, not raised
+def test_key_limits_let_requests_through_when_the_store_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused: list[str] = []
+    limits = KeyRateLimits(_BrokenLimiter(), refused.append)
+    key = ApiKey(name="x", rpm=1, tpm=1)
+
+    async def scenario() -> None:
+        for _ in range(3):  # far past 1 request and 1 token a minute: nothing counts, all pass
+            admission = await limits.admit(key, 5)
+            assert admission.key is key and admission.tokens_charged == 5
+            await limits.settle(admission, 50)  # logged, not raised
+            assert admission.tokens_charged == 5  # the store never took the other 45
+
+    with caplog.at_level(logging.WARNING, logger=rate_limit.__name__):
+        run(scenario())
+    assert refused == []
+    said = [r.getMessage() for r in caplog.records if r.name == rate_limit.__name__]
+    assert sum("letting the request through" in m for m in said) == 6  # tpm and rpm, 3 times
+    assert sum("token use of x not recorded" in m for m in said) == 3
 
 
 @pytest.fixture(scope="module")

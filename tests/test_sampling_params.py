@@ -62,9 +62,16 @@ def test_nan_sampling_values_are_refused(field: str) -> None:
         SamplingParams(**{field: float("nan")})
 
 
-def test_boundary_sampling_params_are_accepted() -> None:
-    SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, min_tokens=1)
-    SamplingParams(top_p=1e-6, min_p=0.0, max_tokens=None, min_tokens=1000)
+def test_boundary_sampling_params_are_accepted_as_given() -> None:
+    low = SamplingParams(
+        temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=1, min_tokens=1
+    )
+    assert (low.temperature, low.top_p, low.min_p) == (0.0, 1.0, 1.0)
+    assert (low.top_k, low.max_tokens, low.min_tokens) == (0, 1, 1)  # top_k -1 is stored as 0
+    assert low.greedy
+    high = SamplingParams(top_p=1e-6, min_p=0.0, max_tokens=None, min_tokens=1000)
+    assert (high.top_p, high.min_p, high.max_tokens, high.min_tokens) == (1e-6, 0.0, None, 1000)
+    assert not high.greedy
 
 
 def test_parallel_sampling_counts() -> None:

@@ -431,33 +431,143 @@ def test_n_choices_come_from_one_engine_request(worker: ServerProcess) -> None:
     assert idle(worker)
 
 
-def test_penalties_and_logit_bias_are_accepted(worker: ServerProcess) -> None:
-    plain = {"model": "tiny", "prompt": "The sun", "max_tokens": 6, "temperature": 0}
-    base = post(worker, "/v1/completions", plain).json()["choices"][0]["text"]
-    for extra in (
-        {"presence_penalty": 1.5, "frequency_penalty": -0.5},
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_llama: Path) -> object:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+
+def penalized_greedy(
+    hf: object,
+    prompt: list[int],
+    steps: int,
+    stop_ids: tuple[int, ...] = (),
+    *,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[str, float] | None = None,
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding on transformers' forward pass, with logit_bias, transformers'
+    RepetitionPenaltyLogitsProcessor (prompt and output) and OpenAI's frequency and presence
+    penalties (output only), in vLLM's order: the tokens and each one's logprob after them."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    repetition = RepetitionPenaltyLogitsProcessor(repetition_penalty)
+    ids, out, logprobs = list(prompt), [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[:, -1].float()  # type: ignore[operator]
+        for token, bias in (logit_bias or {}).items():
+            logits[0, int(token)] += bias
+        row = repetition(torch.tensor([ids]), logits)[0]
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=row.shape[-1])
+        row = row - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+        row = torch.log_softmax(row, dim=-1)
+        token = int(row.argmax())
+        ids.append(token)
+        out.append(token)
+        logprobs.append(row[token].item())
+        if token in stop_ids:
+            break
+    return out, logprobs
+
+
+def assert_penalty_matters(hf: object, prompt: list[int], steps: int, want: list[float], **kw):
+    """The case is worth asking: the penalty moves some logprob of the reference by > 0.1."""
+    plain = penalized_greedy(hf, prompt, steps, **kw)[1]
+    assert max(abs(a - b) for a, b in zip(plain, want, strict=False)) > 0.1
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"presence_penalty": 2.0},  # token 25 comes twice in the plain answer: its 2nd is hit
+        {"presence_penalty": 1.5, "frequency_penalty": -2.0},  # one token repeats: counts matter
         {"repetition_penalty": 1.3},
+        {"repetition_penalty": 0.7},  # below 1: seen tokens pulled up, the answer changes
         {"logit_bias": {"5": 10.0, "17": -100}},
+    ],
+    ids=["presence", "presence+frequency", "repetition", "repetition<1", "logit_bias"],
+)
+def test_penalties_and_logit_bias_change_the_completion_as_transformers_does(
+    worker: ServerProcess, offline: object, hf_tiny: object, penalty: dict
+) -> None:
+    tok = offline.tokenizer  # type: ignore[attr-defined]
+    prompt = tok.encode("The sun")
+    ids, want = penalized_greedy(hf_tiny, prompt, 8, **penalty)
+    assert_penalty_matters(hf_tiny, prompt, 8, want)
+    body = {
+        "model": "tiny", "prompt": "The sun", "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True, "logprobs": 0, **penalty,
+    }  # fmt: skip
+    r = post(worker, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    # (the detokenizer holds back a last token that ends in half a UTF-8 character)
+    assert choice["text"] == tok.decode(ids).removesuffix("\ufffd")
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    assert idle(worker)
+
+
+def test_chat_and_fastchat_routes_apply_penalties_as_transformers_does(
+    worker: ServerProcess, offline: object, hf_tiny: object
+) -> None:
+    from pagedserve.engine.chat_templates import resolve_chat_template
+
+    tok = offline.tokenizer  # type: ignore[attr-defined]
+    eos = (tok.eos_token_id,)
+    prompt = tok.encode("The sun")
+    for penalty in (
+        {"presence_penalty": 1.5, "frequency_penalty": -2.0},
+        {"presence_penalty": 0.5, "repetition_penalty": 0.7},
     ):
-        r = post(worker, "/v1/completions", {**plain, **extra})
-        assert r.status_code == 200, (extra, r.text)
-        assert r.json()["usage"]["completion_tokens"] >= 1
-    # a bias of 100 forces its token at every step
+        ids, want = penalized_greedy(hf_tiny, prompt, 6, eos, **penalty)
+        plain_ids, _ = penalized_greedy(hf_tiny, prompt, 6, eos)
+        assert ids != plain_ids  # the penalty changes the answer itself
+        body = {"prompt": "The sun", "max_new_tokens": 6, "temperature": 0, "echo": False}
+        r = post(worker, "/worker_generate", {**body, **penalty, "logprobs": 0})
+        assert r.status_code == 200 and r.json()["error_code"] == 0, r.text
+        assert r.json()["text"] == tok.decode(ids, skip_special_tokens=True).removesuffix("\ufffd")
+        assert r.json()["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-4)
+
+    template = resolve_chat_template(tok, "tiny")
+    chat_prompt = tok.encode(template.render(MESSAGES, True), add_special_tokens=False)
+    penalty = {"presence_penalty": 1.0, "repetition_penalty": 0.7}  # the template's tokens too
+    stops = tuple(template.stop_token_ids)
+    ids, want = penalized_greedy(hf_tiny, chat_prompt, 5, stops, **penalty)
+    assert_penalty_matters(hf_tiny, chat_prompt, 5, want, stop_ids=stops)
+    chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+            "logprobs": True, **penalty}  # fmt: skip
+    r = post(worker, "/v1/chat/completions", chat)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx(want, abs=1e-4)
+    assert idle(worker)
+
+
+def test_a_logit_bias_of_100_forces_its_token_and_degenerate_logprobs_stay_json(
+    worker: ServerProcess,
+) -> None:
+    plain = {"model": "tiny", "prompt": "The sun", "max_tokens": 6, "temperature": 0}
     forced = post(worker, "/v1/completions", {**plain, "logit_bias": {"42": 100}, "logprobs": 0})
-    tokens = forced.json()["choices"][0]["logprobs"]["tokens"]
-    assert len(tokens) == 6 and len(set(tokens)) == 1 and base is not None
+    assert forced.status_code == 200, forced.text
+    logprobs = forced.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == 6 and len(set(logprobs["tokens"])) == 1
+    assert all(lp > -1e-3 for lp in logprobs["token_logprobs"])  # certain, after the bias
     # a degenerate penalty makes logprobs NaN or -inf: they still come back as JSON numbers
     odd = {**plain, "repetition_penalty": 5e-324, "logprobs": 2}
     r = post(worker, "/v1/completions", odd)
     assert r.status_code == 200, r.text
     assert all(isinstance(x, float) for x in r.json()["choices"][0]["logprobs"]["token_logprobs"])
-    chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "presence_penalty": 1.0}
-    assert post(worker, "/v1/chat/completions", chat).status_code == 200
-    fastchat = {"prompt": "The sun", "max_new_tokens": 4, "temperature": 0}
-    for extra in ({"presence_penalty": 0.5, "repetition_penalty": 1.2}, {"logprobs": 2}):
-        r = post(worker, "/worker_generate", {**fastchat, **extra, "echo": False})
-        assert r.status_code == 200 and r.json()["error_code"] == 0, r.text
-    lp = post(worker, "/worker_generate", {**fastchat, "logprobs": 2, "echo": False}).json()
+    lp = post(
+        worker,
+        "/worker_generate",
+        {"prompt": "The sun", "max_new_tokens": 4, "temperature": 0, "logprobs": 2, "echo": False},
+    ).json()
     assert len(lp["logprobs"]["tokens"]) == 4 and len(lp["logprobs"]["top_logprobs"][0]) == 2
     assert idle(worker)
 
