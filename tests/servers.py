@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 from fastapi import Request  # module level: the stub's routes name it in string annotations
@@ -257,13 +257,22 @@ class RedisServer:
         self.process.stop()
 
 
-@contextlib.contextmanager
-def redis_or_skip(log_dir: Path) -> Iterator[RedisServer]:
-    """A started RedisServer, or pytest.skip when redis-server is not installed."""
+def skip_or_fail_in_ci(reason: str) -> NoReturn:
+    """pytest.skip where something a test needs is missing here (redis-server, chromium, a C++
+    toolchain...); under CI (CI=true, as .ci/run sets it, on a machine meant to have all of
+    them) pytest.fail: there a missing piece is a broken CI, not an optional test."""
     import pytest
 
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def redis_or_skip(log_dir: Path) -> Iterator[RedisServer]:
+    """A started RedisServer, or a skip when redis-server is not installed (a failure in CI)."""
     if redis_server_path() is None:
-        pytest.skip(
+        skip_or_fail_in_ci(
             "redis-server is not on PATH; install it with `apt-get install -y redis-server`"
         )
     server = RedisServer(log_dir).start()

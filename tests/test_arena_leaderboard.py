@@ -3,12 +3,8 @@ count, the table says what each model is, and the plots draw (matplotlib, no pyp
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("matplotlib", reason="needs the `ui` extra: pip install -e '.[ui]'")
-
-from pagedserve.web_ui.battle_log import Battle  # noqa: E402
-from pagedserve.web_ui.leaderboard import (  # noqa: E402
+from pagedserve.web_ui.battle_log import Battle
+from pagedserve.web_ui.leaderboard import (
     COLUMNS,
     battle_count_figure,
     build_board,

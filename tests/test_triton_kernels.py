@@ -20,6 +20,7 @@ from pathlib import Path
 import kernel_cases
 import pytest
 import torch
+from servers import skip_or_fail_in_ci
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
@@ -36,9 +37,8 @@ DELEGATED = not ON_GPU and _triton_imported_compiled()
 if not ON_GPU and not DELEGATED:
     os.environ["TRITON_INTERPRET"] = "1"
 
-# 3.7 is the oldest interpreter that runs these kernels (3.6's fails on data-dependent loops).
-pytest.importorskip("triton", minversion="3.7", reason="needs triton >= 3.7 (pagedserve[triton])")
-
+# triton >= 3.7 comes with the dev extra (pagedserve[triton]): 3.7 is the oldest interpreter
+# that runs these kernels (3.6's fails on data-dependent loops). Without it, collection fails.
 from pagedserve.kernels import ops  # noqa: E402
 from pagedserve.kernels import reference as ref  # noqa: E402
 from pagedserve.kernels import triton as tk  # noqa: E402
@@ -46,15 +46,51 @@ from pagedserve.kernels import triton as tk  # noqa: E402
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+# The only skips a fresh process on a CPU may report, by test and reason; any other skip there
+# (a kernel test, or the whole module) fails the parent under CI and skips it elsewhere.
+CHILD_SKIPS = {
+    "test_kernels_in_a_fresh_process": "this process runs the kernel tests itself",
+    "test_large_batches_on_gpu": "needs a CUDA device",
+}
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not DELEGATED, reason="this process runs the kernel tests itself")
-def test_kernels_in_a_fresh_process():
+def test_kernels_in_a_fresh_process(tmp_path):
+    """Every test of this module, run in a process of its own; it passes only if each of them
+    ran there and passed, or skipped for a reason in CHILD_SKIPS."""
+    report = tmp_path / "kernels.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
+         f"--junitxml={report}"],
         env=env, capture_output=True, text=True, timeout=850,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+    output = done.stdout[-8000:] + done.stderr[-2000:]
+    assert done.returncode == 0, output
+    outcomes = child_outcomes(report)
+    assert {name.split("[")[0] for name in outcomes} == {*CHILD_TESTS, *CHILD_SKIPS}, output
+    unexpected = {
+        name: why
+        for name, why in outcomes.items()
+        if why is not None and why != CHILD_SKIPS.get(name.split("[")[0])
+    }
+    if unexpected:
+        skip_or_fail_in_ci(f"the fresh process skipped {len(unexpected)} test(s): {unexpected}")
+
+
+def child_outcomes(report: Path) -> dict[str, str | None]:
+    """A JUnit XML report's tests: name -> None if passed, the reason if skipped; a failure or
+    an error raises."""
+    import xml.etree.ElementTree as ET
+
+    outcomes: dict[str, str | None] = {}
+    for case in ET.parse(report).iter("testcase"):
+        bad = [e.get("message") for e in case if e.tag in ("failure", "error")]
+        assert not bad, f"{case.get('name')}: {bad}"
+        skip = case.find("skipped")
+        outcomes[case.get("name", "")] = None if skip is None else skip.get("message", "")
+    return outcomes
 
 
 # Tolerances for outputs of order 1: the kernels accumulate in float32 but round P to the
@@ -388,8 +424,8 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
         [sys.executable, str(script), "--arch", "90", "--quick"], env=env,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if done.returncode == 3:
-        pytest.skip(done.stdout.strip().splitlines()[-1])
+    if done.returncode == 3:  # no ptxas, which triton's Linux wheels bundle
+        skip_or_fail_in_ci(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -405,8 +441,10 @@ def test_large_batches_on_gpu(dtype):
     check_attention(prefill, dtype=dtype, window=512, num_heads=16, num_kv_heads=2, head_dim=80)
 
 
+# the tests that test_kernels_in_a_fresh_process expects the fresh process to run
+CHILD_TESTS = [
+    n for n in globals() if n.startswith("test_") and n != "test_kernels_in_a_fresh_process"
+]
 if DELEGATED:  # the fresh process runs every test above; here each would only be one more skip
-    for _name in [
-        n for n in globals() if n.startswith("test_") and n != "test_kernels_in_a_fresh_process"
-    ]:
+    for _name in CHILD_TESTS:
         del globals()[_name]

@@ -28,12 +28,12 @@ from servers import (
     cli,
     controller_process,
     free_port,
+    skip_or_fail_in_ci,
     start_all,
     wait_until,
     worker_process,
 )
 
-pytest.importorskip("gradio_client", reason="needs the `ui` extra: pip install -e '.[ui]'")
 # gradio_client reports every Client it makes to a telemetry endpoint unless told not to.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -320,7 +320,9 @@ def test_a_gateway_that_is_down_is_reported_in_the_ui(stack: Stack) -> None:
 
 def test_a_rate_limited_side_says_so_and_the_other_answers(stack: Stack) -> None:
     if stack.arena_limited is None:
-        pytest.skip("needs the gateway (api_gateway/app.py and `pagedserve gateway`) for API keys")
+        skip_or_fail_in_ci(
+            "needs the gateway (api_gateway/app.py and `pagedserve gateway`) for API keys"
+        )
     with stack.client("arena_limited") as c:
         out = c.predict("Hello both", api_name="/battle_send")
     answers = [texts(out[i])[-1][1] for i in (CHAT_A, CHAT_B)]
@@ -352,8 +354,9 @@ def test_direct_chat_takes_sampling_parameters_and_logs_the_turn(stack: Stack) -
 
 def test_browser_plays_a_battle_and_votes(stack: Stack, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the `ui` extra")
+        skip_or_fail_in_ci(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright import sync_api
+
     before = len(stack.votes())
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
