@@ -15,7 +15,6 @@ processes and take seconds.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from processes import Proc, descendants, still_alive_after
 from servers import free_port, wait_until
 
 from pagedserve.deploy import model_store
@@ -44,59 +44,7 @@ STUBBORN = (
 )
 
 
-# -- processes ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Proc:
-    """One process, named by its pid and start time (a pid alone may be reused)."""
-
-    pid: int
-    start: str
-    cmd: str
-
-    def alive(self) -> bool:
-        fields = _stat(self.pid)
-        return fields is not None and fields[19] == self.start and fields[0] != "Z"
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat from its third field on (state, ppid, ...), or None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(root: int) -> list[Proc]:
-    """The live processes started by `root`, at any depth."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) and fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
-    found, todo = [], [root]
-    while todo:
-        for pid, start in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            found.append(Proc(pid, start, cmd.strip()))
-    return found
-
-
-def still_alive_after(procs: list[Proc], seconds: float) -> list[Proc]:
-    """Those of `procs` still alive once all have died or `seconds` have passed."""
-    deadline = time.monotonic() + seconds
-    while (alive := [p for p in procs if p.alive()]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive
+# -- ports -------------------------------------------------------------------------------------
 
 
 def taken(ports: list[int]) -> list[int]:

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 import torch
+from processes import Proc, descendants, still_alive_after
 
 from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.sampling_params import SamplingParams
-
-ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,52 +44,18 @@ def prompts() -> list[list[int]]:
     return [torch.randint(5, 1000, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def ray_descendants(root: int | None = None) -> list[str]:
+def ray_descendants(root: int | None = None) -> list[Proc]:
     """Live processes started (at any depth) by `root` (default: this test process) that
-    belong to Ray, as "pid: command": the local cluster's daemons and its workers, our ranks
-    among them."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root or os.getpid()]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "ray" in cmd.lower():
-                found.append(f"{child}: {cmd[:120]}")
-    return found
+    belong to Ray: the local cluster's daemons and its workers, our ranks among them."""
+    return [p for p in descendants(root) if "ray" in p.cmd.lower()]
 
 
 def assert_no_ray_left(pids: list[int] = ()) -> None:
     """No Ray process of ours (nor any of `pids`) is alive 15 seconds after shutdown."""
-    deadline = time.monotonic() + 15
-    while True:
-        left = ray_descendants() + [str(p) for p in pids if _alive(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    given = [p for p in map(Proc.of, pids) if p is not None]
+    left = still_alive_after(ray_descendants() + given, 15)
     assert not left, f"Ray processes left behind: {left}"
     assert not ray.is_initialized()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def greedy(llm: LLM, prompts) -> tuple[list[list[int]], list]:
@@ -281,16 +247,9 @@ def shared_ray():
     assert_no_ray_left()
 
 
-def still_alive_after(pids: list[int], seconds: float = 15) -> list[int]:
-    """Those of `pids` still alive once all have died or `seconds` have passed."""
-    deadline = time.monotonic() + seconds
-    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
-
-
 def assert_ranks_gone(pids: list[int]) -> None:
-    assert not still_alive_after(pids), "a rank outlived its engine"
+    ranks = [p for p in map(Proc.of, pids) if p is not None]
+    assert not still_alive_after(ranks, 15), "a rank outlived its engine"
     assert not ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
     )
@@ -403,7 +362,7 @@ def test_a_failure_after_the_ranks_started_stops_them_all(shared_ray, tiny_llama
         LLMEngine(EngineConfig(model=str(broken), tensor_parallel_size=2, **TP_ARGS))
     assert_ranks_gone([])
     deadline = time.monotonic() + 15
-    while ranks := [p for p in ray_descendants() if p not in before and "RankWorker" in p]:
+    while ranks := [p for p in ray_descendants() if p not in before and "RankWorker" in p.cmd]:
         assert time.monotonic() < deadline, f"ranks left behind: {ranks}"
         time.sleep(0.2)
 
@@ -422,14 +381,14 @@ def test_a_worker_whose_rank_dies_leaves_the_registry_and_exits(tiny_llama, tmp_
         models = lambda: httpx.post(controller.url + "/list_models").json()["models"]  # noqa: E731
         wait_until(models, 10, what="the worker registered")
         worker_ray = ray_descendants(worker.proc.pid)
-        ranks = [p for p in worker_ray if "RankWorker" in p]
+        ranks = [p for p in worker_ray if "RankWorker" in p.cmd]
         assert len(ranks) == 1, worker_ray
-        os.kill(int(ranks[0].split(":")[0]), signal.SIGKILL)
+        ranks[0].kill()
         assert worker.wait(60) == 1, worker.log_tail()
         assert models() == []
         assert "worker failed: the engine has stopped" in worker.log_tail()
     finally:
         worker.stop()
         controller.stop()
-    left = still_alive_after([int(p.split(":")[0]) for p in worker_ray])
+    left = still_alive_after(worker_ray, 15)
     assert not left, f"the worker's Ray outlived it: {left}"
