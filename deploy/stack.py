@@ -30,7 +30,11 @@ class Service:
     Its own session keeps the terminal's Ctrl-C from reaching it, so that whoever runs the
     stack decides when and how it stops; its own group lets one kill reach whatever it started.
     Neither helps when that runner dies without stopping it (kill -9, a crash): no signal can
-    come from a dead process, so on Linux the kernel is asked to send one (_die_with_parent)."""
+    come from a dead process, so on Linux the kernel is asked to send one (_die_with_parent).
+
+    It never imports from the working directory (PYTHONSAFEPATH, Python 3.11+): `python -m`
+    would otherwise put it first on the path, where a folder of the user's could hide an
+    installed package (as a `kernels/` folder hid the one `transformers` imports)."""
 
     name: str
     argv: list[str]
@@ -46,6 +50,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
+                env={**os.environ, "PYTHONSAFEPATH": "1"},
             )
 
     def alive(self) -> bool:

@@ -240,3 +240,16 @@ def test_a_second_ctrl_c_during_the_stop_kills_every_service_at_once(tmp_path: P
         driver.wait(timeout=10)
         for p in services:
             p.kill()
+
+
+def test_a_service_never_imports_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """A folder in the directory the stack runs from cannot hide an installed package from a
+    service, though `python -m` and `-c` put that directory first on the path."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("raise ImportError('the wrong kernels')\n")
+    monkeypatch.chdir(tmp_path)
+    code = "import kernels; print(kernels.__file__)"
+    service = Service("probe", [sys.executable, "-c", code], "", tmp_path / "probe.log")
+    service.start()
+    assert service.wait(60) and service.process.returncode == 0, service.log_path.read_text()
+    assert "site-packages" in service.log_path.read_text()
