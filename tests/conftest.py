@@ -47,6 +47,17 @@ def tiny_llama(build_cached: BuildCached) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, fetched once into the model cache (skips offline)."""
+    from pagedserve.deploy import model_store
+
+    try:
+        return model_store.fetch_model("smollm2-135m-instruct")
+    except model_store.ModelFetchError as e:
+        pytest.skip(f"cannot fetch smollm2-135m-instruct (offline?): {e}")
+
+
+@pytest.fixture(scope="session")
 def small_llama(build_cached: BuildCached) -> Path:
     """A small Llama (4 layers, hidden 256, GQA, untied embeddings) with its tokenizer."""
     return build_cached("llama", "small")

@@ -377,14 +377,6 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    try:
-        return model_store.fetch_model(SMOLLM2)
-    except model_store.ModelFetchError as e:
-        pytest.skip(f"cannot fetch {SMOLLM2} (offline?): {e}")
-
-
-@pytest.fixture(scope="module")
 def smollm2_reference(smollm2_path):
     return _hf_from_gguf(smollm2_path)
 

@@ -29,7 +29,6 @@ import pytest
 from processes import Proc, descendants, still_alive_after
 from servers import free_port, wait_until
 
-from pagedserve.deploy import model_store
 from pagedserve.deploy.stack import LocalStack, Service
 
 PORTS = ["controller", "gateway", "ui", "worker0", "worker1"]  # PAGEDSERVE_<NAME>_PORT
@@ -90,14 +89,6 @@ class Demo:
         assert len(services) == SERVICES, services
         assert taken(self.ports) == self.ports, "a service is not listening where it was told"
         return self.started
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    try:
-        return model_store.fetch_model("smollm2-135m-instruct")
-    except model_store.ModelFetchError as e:
-        pytest.skip(f"cannot fetch smollm2-135m-instruct (offline?): {e}")
 
 
 def _sigint_default() -> None:
