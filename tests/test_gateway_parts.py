@@ -24,10 +24,11 @@ from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import InMemoryRateLimiter, KeyRateLimits, RedisRateLimiter
 from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.serving import CHAT, COMPLETIONS, GatewayServing
 from pagedserve.api_gateway.streaming import DONE, SSERelay
 from pagedserve.api_gateway.upstream import OpenStream
+from pagedserve.controller.dispatch import RouteRequest, make_policy
 from pagedserve.controller.protocol import WorkerView
 
 
@@ -373,15 +374,21 @@ def test_routing_view_keeps_ready_pagedserve_workers_and_survives_a_controller_o
     run(scenario())
 
 
-def test_least_outstanding_prefers_idle_workers_and_rotates_ties() -> None:
+def test_least_load_over_in_flight_prefers_idle_workers_and_rotates_ties() -> None:
     workers = [WorkerView.model_validate(_worker(w, ["m"])) for w in "12"]
-    policy = LeastOutstanding()
-    picks = [policy.select(workers).worker_id for _ in range(4)]
-    assert sorted(picks) == ["1", "1", "2", "2"]  # ties alternate
-    policy.begin("1")
-    assert {policy.select(workers).worker_id for _ in range(3)} == {"2"}
-    policy.end("1")
-    assert policy.outstanding == {}
+    in_flight = InFlight()
+    policy = make_policy("least_load", load=in_flight.load)
+
+    def pick() -> str:
+        return policy.select(workers, RouteRequest("m")).worker.worker_id
+
+    assert sorted(pick() for _ in range(4)) == ["1", "1", "2", "2"]  # ties alternate
+    in_flight.begin("1")
+    assert {pick() for _ in range(3)} == {"2"}
+    in_flight.end("1")
+    assert in_flight.outstanding == {}
+    workers[1].waiting = 2  # the worker's own report counts too
+    assert {pick() for _ in range(3)} == {"1"}
 
 
 # -- parsing and limits of requests ------------------------------------------------------------
