@@ -71,11 +71,12 @@ class Forwarder:
         headers: dict[str, str],
         stream: bool,
         deadline: float,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> Forwarded:
         """The first worker's answer that is not a failure. An OpenStream holds the worker in
         the in-flight count until `done(worker)` is called."""
         model = request.model
-        tried: set[str] = set()
+        tried = set(exclude)
         failure: UpstreamFailure | None = None
         self.budget.record_request()
         for attempt in range(1 + self.max_retries):
@@ -121,6 +122,12 @@ class Forwarder:
 
     def done(self, worker: WorkerView) -> None:
         self.in_flight.end(worker.worker_id)
+
+    async def stream_failed(self, worker: WorkerView, reason: str) -> None:
+        """A worker's stream broke after its first byte: count it against the worker, and look
+        for news of it (it may be gone) before another is chosen."""
+        self._failed(worker, UpstreamFailure("broken", reason))
+        await self.table.refresh_soon()
 
     def _pick(self, request: RouteRequest, tried: set[str]) -> Route | None:
         candidates = [

@@ -33,6 +33,7 @@ from pagedserve.api_gateway.metrics import GatewayMetrics
 from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import Admission, KeyRateLimits
 from pagedserve.api_gateway.request_context import REQUEST_ID_HEADER, RequestContext
+from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
 from pagedserve.api_gateway.routing import RoutingTable
 from pagedserve.api_gateway.streaming import RelayResponse, SSERelay
 from pagedserve.api_gateway.upstream import Answer, OpenStream, Refusal
@@ -75,8 +76,10 @@ class Lease:
         self._closed = True
         try:
             if self.forwarded is not None and isinstance(self.forwarded.outcome, OpenStream):
-                await self.forwarded.outcome.aclose()
-                self.serving.forwarder.done(self.forwarded.worker)
+                resumer = self.relay.resumer if self.relay is not None else None
+                current = resumer.current if resumer is not None else self.forwarded
+                await current.outcome.aclose()
+                self.serving.forwarder.done(current.worker)
             if self.relay is not None:
                 self.serving.record_stream(self.ctx, self.relay)
             if self.admission is not None:
@@ -135,13 +138,26 @@ class GatewayServing:
             route_request = RouteRequest(
                 req.model, _route_prompt(req), request.headers.get(SESSION_HEADER)
             )
+            sent = asking_for_token_ids(body) if resumable(req) else body
             forward = self.forwarder.forward(
-                route_request, endpoint.path, body, headers, req.stream, deadline
+                route_request, endpoint.path, sent, headers, req.stream, deadline
             )
             lease.forwarded = forwarded = await until_disconnected(request, forward, _close)
             ctx.worker, ctx.retries = forwarded.worker.worker_name, forwarded.retries
             self._count_route(ctx, forwarded.route)
-            response = self._format(endpoint, forwarded, ctx, lease, deadline)
+            resumer = None
+            if isinstance(forwarded.outcome, OpenStream) and resumable(req):
+                resumer = StreamResumer(
+                    self.forwarder,
+                    route_request,
+                    endpoint.path,
+                    body,
+                    headers,
+                    deadline,
+                    client_wants_ids=bool(getattr(req, "return_token_ids", False)),
+                    first=forwarded,
+                )
+            response = self._format(endpoint, forwarded, ctx, lease, deadline, resumer)
             handed_over = isinstance(response, RelayResponse)  # it closes the lease at its end
             return response
         finally:
@@ -271,13 +287,14 @@ class GatewayServing:
         ctx: RequestContext,
         lease: Lease,
         deadline: float,
+        resumer: StreamResumer | None,
     ) -> Response:
         outcome = forwarded.outcome
         route = {ROUTE_HEADER: forwarded.route.header()}
         if isinstance(outcome, OpenStream):
             ctx.ttft = time.monotonic() - ctx.started
             self.metrics.ttft.labels(endpoint.path, ctx.model or "-").observe(ctx.ttft)
-            lease.relay = SSERelay(outcome, deadline)
+            lease.relay = SSERelay(outcome, deadline, resumer)
             return RelayResponse(
                 lease.relay, lease.close, headers={"Cache-Control": "no-cache", **route}
             )
@@ -310,6 +327,15 @@ class GatewayServing:
         if not relay.done and relay.error is None:
             relay.error = "client_closed"  # the client left before the end
         ctx.error = ctx.error or relay.error
+        resumer = relay.resumer
+        if resumer is not None and resumer.resumes:
+            ctx.worker, ctx.retries = (
+                resumer.current.worker.worker_name,
+                ctx.retries + resumer.resumes,
+            )
+            self.metrics.resumed_streams.labels(ctx.model or "-", "resumed").inc(resumer.resumes)
+        if relay.error is not None and relay.error not in ("client_closed", "timeout"):
+            self.metrics.resumed_streams.labels(ctx.model or "-", "failed").inc()
         self._count_tokens(ctx)
 
     def _count_tokens(self, ctx: RequestContext) -> None:
