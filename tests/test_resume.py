@@ -7,11 +7,14 @@ resumed stream's text is the uninterrupted text."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from servers import ServerProcess, worker_process
 
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import InvalidRequestError, LLMEngine
@@ -157,3 +160,175 @@ def test_bad_resumes_are_refused_and_leave_nothing_behind(engine, params, resume
     assert refused.value.param == "resume"
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache.pool.num_used == 0
+
+
+# -- the worker over HTTP -----------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log_dir = tmp_path_factory.mktemp("resume-worker")
+    with worker_process(
+        log_dir, tiny_llama, None, model_names="tiny", kv_cache_memory=16 << 20, max_model_len=256
+    ).start() as w:
+        yield w
+
+
+def request_body(path: str, **fields) -> dict:
+    body = {"model": "tiny", "max_tokens": 20, **fields}
+    if path == CHAT:
+        return {"messages": [{"role": "user", "content": "Tell me a story"}], **body}
+    return {"prompt": PROMPT, **body}
+
+
+def post(w: ServerProcess, path: str, body: dict, request_id: str | None = None) -> httpx.Response:
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    return httpx.post(w.url + path, json=body, headers=headers, timeout=60)
+
+
+def stream(w: ServerProcess, path: str, body: dict, request_id: str | None = None) -> list[dict]:
+    """The chunks of a stream, [DONE] checked and left out."""
+    r = post(w, path, {**body, "stream": True}, request_id)
+    assert r.status_code == 200, r.text
+    events = [line[len("data: ") :] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def chunk_text(chunk: dict) -> str:
+    choice = chunk["choices"][0]
+    if "delta" in choice:
+        return choice["delta"].get("content") or ""
+    return choice["text"]
+
+
+def received(chunks: list[dict]) -> tuple[str, list[int]]:
+    """What a client holds after these chunks: the text and the token ids."""
+    with_choices = [c for c in chunks if c["choices"]]
+    text = "".join(chunk_text(c) for c in with_choices)
+    return text, [t for c in with_choices for t in c["choices"][0]["token_ids"]]
+
+
+SAMPLING = {
+    "greedy": {"temperature": 0, "ignore_eos": True},
+    "seeded": {"temperature": 0.9, "seed": 7},
+    "stop": {"temperature": 0, "ignore_eos": True, "stop": "-never-"},
+}
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_resumed_stream_continues_the_cut_one_exactly(worker, path, sampling) -> None:
+    body = request_body(
+        path, return_token_ids=True, stream_options={"include_usage": True}, **SAMPLING[sampling]
+    )
+    rid = f"resume-{sampling}-{len(path)}"
+    full = stream(worker, path, body, rid)
+    full_text, full_tokens = received(full)
+    usage = full[-1]["usage"]
+    assert usage["completion_tokens"] == len(full_tokens)
+    assert full[0]["prompt_token_ids"] and all("prompt_token_ids" not in c for c in full[1:])
+    content = [j for j, c in enumerate(full) if c["choices"]]
+    resumed_at = []
+    for j in sorted({1, 2, len(content) // 2, len(content) - 2}):  # cut after chunk j
+        text, tokens = received(full[: content[j]])
+        if len(tokens) >= usage["completion_tokens"]:
+            continue
+        resumed_at.append(len(tokens))
+        resume = {"output_token_ids": tokens, "sent_chars": len(text)}
+        rest = stream(worker, path, {**body, "resume": resume}, rid)
+        rest_text, rest_tokens = received(rest)
+        assert text + rest_text == full_text, j
+        assert tokens + rest_tokens == full_tokens, j
+        assert rest[-1]["usage"] == usage
+        assert {c["id"] for c in full + rest} == {full[0]["id"]}
+        assert full[0]["id"].endswith("-" + rid)
+        assert rest[0]["prompt_token_ids"] == full[0]["prompt_token_ids"]
+        if path == CHAT:
+            assert not any(c["choices"][0]["delta"].get("role") for c in rest if c["choices"])
+        finish = [c["choices"][0]["finish_reason"] for c in full + rest if c["choices"]]
+        assert [f for f in finish if f] == [full[-2]["choices"][0]["finish_reason"]] * 2
+    assert len(resumed_at) >= 3 and resumed_at[-1] > 0
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_resume_answers_unstreamed_with_the_rest(worker, path) -> None:
+    body = request_body(path, return_token_ids=True, temperature=0.9, seed=3)
+    whole = post(worker, path, body, "whole-1").json()
+    full = stream(worker, path, body)
+    text, tokens = received(full[:4])
+    resume = {"output_token_ids": tokens, "sent_chars": len(text)}
+    rest = post(worker, path, {**body, "resume": resume}, "whole-1").json()
+    choice, rest_choice = whole["choices"][0], rest["choices"][0]
+    key = "message" if path == CHAT else None
+    whole_text = choice[key]["content"] if key else choice["text"]
+    rest_text = rest_choice[key]["content"] if key else rest_choice["text"]
+    assert text + rest_text == whole_text
+    assert tokens + rest_choice["token_ids"] == choice["token_ids"]
+    assert rest["usage"] == whole["usage"] and rest["id"] == whole["id"]
+    assert rest["prompt_token_ids"] == whole["prompt_token_ids"] == full[0]["prompt_token_ids"]
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_token_ids_cover_text_held_back_by_a_stop_string(worker, path) -> None:
+    plain = post(worker, path, request_body(path, temperature=0, ignore_eos=True)).json()
+    text = (
+        plain["choices"][0]["message"]["content"] if path == CHAT else plain["choices"][0]["text"]
+    )
+    stop = text[8:20]  # long: many tokens' text is held back while it might become it
+    assert len(stop) == 12 and text.find(stop) == 8
+    body = request_body(path, temperature=0, ignore_eos=True, stop=stop, return_token_ids=True)
+    chunks = stream(worker, path, body)
+    got_text, got_tokens = received(chunks)
+    whole = post(worker, path, body).json()
+    assert got_text == text[:8]
+    assert got_tokens == whole["choices"][0]["token_ids"]
+    assert any(c["choices"][0]["token_ids"] and not chunk_text(c) for c in chunks)
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_without_return_token_ids_nothing_changes_on_the_wire(worker, path) -> None:
+    body = request_body(path, temperature=0, max_tokens=4)
+    for chunk in stream(worker, path, body):
+        assert "prompt_token_ids" not in chunk
+        assert all("token_ids" not in c for c in chunk["choices"])
+    whole = post(worker, path, body).json()
+    assert "prompt_token_ids" not in whole and "token_ids" not in whole["choices"][0]
+    assert whole["id"].startswith("chatcmpl-" if path == CHAT else "cmpl-")
+
+
+BAD_RESUMES = [
+    ({"n": 2}, {"output_token_ids": [5]}, "resume"),
+    ({"best_of": 2}, {"output_token_ids": [5]}, "resume"),
+    (
+        {"best_of": 2, "use_beam_search": True, "temperature": 0},
+        {"output_token_ids": [5]},
+        "resume",
+    ),
+    ({}, {"output_token_ids": [5, 1024]}, "resume"),
+    ({}, {"output_token_ids": [5], "sent_chars": -1}, "resume"),
+    ({}, {"output_token_ids": [5], "sent_chars": 10_000}, "resume"),
+    ({"max_tokens": 3}, {"output_token_ids": [5, 6, 7]}, "resume"),
+    ({"max_tokens": 400}, {"output_token_ids": [5] * 250}, "resume"),
+]
+
+
+@pytest.mark.parametrize(("fields", "resume", "param"), BAD_RESUMES)
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_bad_resumes_get_a_400_and_the_worker_serves_on(worker, path, fields, resume, param):
+    for streamed in (False, True):
+        body = request_body(path, stream=streamed, resume=resume, **fields)
+        r = post(worker, path, body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert post(worker, path, request_body(path, max_tokens=2)).status_code == 200
+
+
+def test_resume_and_token_ids_take_a_single_completion_prompt(worker) -> None:
+    for extra in ({"resume": {"output_token_ids": [5]}}, {"return_token_ids": True}):
+        r = post(worker, COMPLETIONS, {**request_body(COMPLETIONS), "prompt": ["a", "b"], **extra})
+        assert r.status_code == 400 and "single prompt" in r.json()["error"]["message"]
