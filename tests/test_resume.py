@@ -332,3 +332,26 @@ def test_resume_and_token_ids_take_a_single_completion_prompt(worker) -> None:
     for extra in ({"resume": {"output_token_ids": [5]}}, {"return_token_ids": True}):
         r = post(worker, COMPLETIONS, {**request_body(COMPLETIONS), "prompt": ["a", "b"], **extra})
         assert r.status_code == 400 and "single prompt" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_resumed_answer_has_logprobs_for_its_new_tokens_only(worker, path) -> None:
+    asks = {"logprobs": True, "top_logprobs": 2} if path == CHAT else {"logprobs": 2}
+    body = request_body(path, temperature=0, ignore_eos=True, return_token_ids=True, **asks)
+    whole = post(worker, path, body).json()["choices"][0]
+    resume = {"output_token_ids": whole["token_ids"][:5], "sent_chars": 0}
+    rest = post(worker, path, {**body, "resume": resume}).json()["choices"][0]
+
+    def per_token(logprobs: dict) -> tuple[list[str], list[float]]:
+        if path == CHAT:
+            return [e["token"] for e in logprobs["content"]], [
+                e["logprob"] for e in logprobs["content"]
+            ]
+        return logprobs["tokens"], logprobs["token_logprobs"]
+
+    tokens, values = per_token(whole["logprobs"])
+    rest_tokens, rest_values = per_token(rest["logprobs"])
+    assert rest_tokens == tokens[5:]
+    # prefill and decode round differently: the values agree closely
+    assert rest_values == pytest.approx(values[5:], abs=1e-4)
+    assert rest["token_ids"] == whole["token_ids"][5:]
