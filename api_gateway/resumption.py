@@ -39,6 +39,8 @@ _IDS = b',"return_token_ids":true}'
 def resumable(req: ChatCompletionRequest | CompletionRequest) -> bool:
     if not req.stream or req.n != 1 or req.use_beam_search or (req.best_of or 1) > 1:
         return False
+    if getattr(req, "echo", False):  # the echoed prompt is text sent, but not the answer's
+        return False
     # one prompt: a batch of completion prompts makes one choice per prompt
     prompt = getattr(req, "prompt", "")
     return isinstance(prompt, str) or all(isinstance(t, int) for t in prompt) or len(prompt) == 1

@@ -154,7 +154,7 @@ class GatewayServing:
                     body,
                     headers,
                     deadline,
-                    client_wants_ids=bool(getattr(req, "return_token_ids", False)),
+                    client_wants_ids=req.return_token_ids,
                     first=forwarded,
                 )
             response = self._format(endpoint, forwarded, ctx, lease, deadline, resumer)

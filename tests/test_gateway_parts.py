@@ -620,6 +620,7 @@ def test_only_single_choice_streams_are_resumable_and_ids_are_asked_for_in_place
     assert resumable(CompletionRequest.model_validate(done))
     assert not resumable(CompletionRequest.model_validate({**done, "best_of": 2}))
     assert not resumable(CompletionRequest.model_validate({**done, "prompt": ["a", "b"]}))
+    assert not resumable(CompletionRequest.model_validate({**done, "echo": True}))
     raw = b'{"model": "m", "return_token_ids": false, "prompt": "hi"}\n'
     assert json.loads(asking_for_token_ids(raw)) == {
         "model": "m",

@@ -211,9 +211,11 @@ async def stream_sides(
         error = None
         try:
             history = [dict(m) for m in side.messages]
-            async with aclosing(client.stream_chat(
+            async with aclosing(
+                client.stream_chat(
                     side.model, history, params, result, session_id=side.conversation_id
-                )) as it:
+                )
+            ) as it:
                 async for text in it:
                     queue.put_nowait((i, text, None))
         except GatewayError as e:
