@@ -268,7 +268,7 @@ async def run_trace(url: str, chains: list[Chain], args) -> tuple[list[Sample], 
 def summarize(samples: list[Sample], wall: float) -> dict:
     ok = [s for s in samples if s.ok]
     ttfts = [s.ttft for s in ok]
-    routed = [s for s in ok if "cached_tokens" in s.route]
+    routed = [s for s in ok if s.route.get("cached_tokens", "").isdigit()]
     workers: dict[str, int] = {}
     for s in ok:
         if "worker" in s.route:
