@@ -97,18 +97,26 @@ def free_port() -> int:
 
 
 class Service:
-    """A server subprocess, ready when `ready_path` answers 200; always stopped."""
+    """A server subprocess, ready when `ready_path` answers 200; always stopped. With
+    wait=False the constructor only starts it (so that several start side by side) and
+    `wait_ready()` waits."""
 
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str, work: Path,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, wait: bool = True) -> None:  # fmt: skip
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
-        log = work / f"{name}.log"
-        with open(log, "ab") as out:
+        self.ready_path = ready_path
+        self.log = work / f"{name}.log"
+        with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, cwd=work,
                 env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
             )  # fmt: skip
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        name, log, ready_path = self.name, self.log, self.ready_path
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
