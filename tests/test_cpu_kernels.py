@@ -169,3 +169,13 @@ def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
     assert "backend torch" in done.stdout, done.stdout + done.stderr
     assert "CPU kernels unavailable" in done.stderr
     assert "refused: PAGEDSERVE_ATTENTION_BACKEND=cpu" in done.stdout
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path) -> None:
+    lock = tmp_path / "lock"
+    assert not cpu.remove_stale_build_lock(tmp_path)  # no lock
+    lock.touch()
+    assert not cpu.remove_stale_build_lock(tmp_path) and lock.exists()  # a build under way
+    old = lock.stat().st_mtime - cpu.STALE_BUILD_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert cpu.remove_stale_build_lock(tmp_path) and not lock.exists()

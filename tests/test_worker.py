@@ -701,6 +701,18 @@ def test_metrics_report_the_engine_and_request_timings(worker: ServerProcess) ->
     assert metric(worker, "pagedserve_worker_kv_blocks_total") > 0
 
 
+def test_metrics_count_prefix_cache_lookups_and_hits(worker: ServerProcess) -> None:
+    queried = metric(worker, "pagedserve_worker_prefix_cache_queries_total")
+    hits = metric(worker, "pagedserve_worker_prefix_cache_hits_total")
+    prompt = "A long shared preamble that fills a few KV blocks of the cache. " * 6
+    for question in ("one", "two"):
+        body = {"model": "tiny", "prompt": prompt + question, "max_tokens": 1}
+        assert post(worker, "/v1/completions", body).status_code == 200
+    assert metric(worker, "pagedserve_worker_prefix_cache_queries_total") > queried
+    # the second prompt found the first one's full blocks
+    assert metric(worker, "pagedserve_worker_prefix_cache_hits_total") >= hits + 16
+
+
 # -- models without a chat template, draining ------------------------------------------------------
 
 

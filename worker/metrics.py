@@ -55,6 +55,18 @@ class _EngineCollector(Collector):
                 "Requests preempted for KV blocks.",
                 s.num_preemptions,
             ),
+            # vLLM's prefix_cache_queries and prefix_cache_hits: prompt tokens looked up in the
+            # prefix cache, and those found (what routing's cached_tokens estimates).
+            (
+                "pagedserve_worker_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queried_tokens,
+            ),
+            (
+                "pagedserve_worker_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_cache_hit_tokens,
+            ),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))

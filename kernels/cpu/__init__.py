@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import time
 from functools import cache
 from pathlib import Path
 
@@ -43,6 +44,26 @@ def _cpu_tag() -> str:
     return hashlib.sha1((features or platform.processor()).encode()).hexdigest()[:10]
 
 
+# A build takes about a minute; a build lock older than this was left by a killed build.
+STALE_BUILD_LOCK_SECONDS = 600.0
+
+
+def remove_stale_build_lock(build_dir: Path, max_age: float = STALE_BUILD_LOCK_SECONDS) -> bool:
+    """torch's extension builder waits, forever, for the lock file of the process building it.
+    A process killed mid-build (a worker stopped with -9 on its first start) never removes it,
+    and every later start would hang; past `max_age` the lock is taken to be such a one."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age:
+        return False
+    logger.warning("removing a stale build lock (%.0f s old): %s", age, lock)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @cache
 def _ops():
     from torch.utils import cpp_extension
@@ -51,11 +72,12 @@ def _ops():
     sources = [
         str(here / name) for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")
     ]
+    name = f"pagedserve_cpu_kernels_{_cpu_tag()}"
+    remove_stale_build_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
     logger.info("loading the CPU kernels (compiled once per machine, ~1 min)")
     return cpp_extension.load(
-        name=f"pagedserve_cpu_kernels_{_cpu_tag()}", sources=sources, extra_cflags=_FLAGS,
-        extra_ldflags=["-fopenmp"],
-    )  # fmt: skip
+        name=name, sources=sources, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
+    )
 
 
 @cache
