@@ -118,9 +118,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = make_client(
-            config.connect_timeout,
-            max_connections=config.max_concurrent_requests + 32,
-            max_keepalive=min(config.max_concurrent_requests, 512),
+            config.connect_timeout, max_keepalive=min(config.max_concurrent_requests, 512)
         )
         limiter = make_rate_limiter(config.redis_url, config.redis_prefix + ":ratelimit")
         table = RoutingTable(
