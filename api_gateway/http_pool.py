@@ -6,8 +6,8 @@ about half of the gateway's CPU per request. The gateway only ever talks plain H
 own workers and controller, so `Http11Transport` does just that on asyncio streams: a keep-alive
 pool per host (a deque, O(1) either way), a request written in one call, the status line and
 headers read in one, bodies framed by Content-Length, chunks or the connection's end.
-`UpstreamClient.send_direct` hands a request straight to it, without the client's redirect,
-auth, cookie and event-hook machinery. Every other use of the client (and https URLs, through
+`UpstreamClient.send_direct` writes a POST to it straight from its arguments, without an
+httpx.Request or the client's redirect, auth, cookie and event-hook machinery. Every other use of the client (and https URLs, through
 httpx's own transport) behaves as httpx does. Errors are httpx's: ConnectError, ConnectTimeout,
 ReadTimeout, ReadError, RemoteProtocolError.
 """
@@ -127,9 +127,29 @@ class Http11Transport(httpx.AsyncBaseTransport):
             if self._tls is None:
                 self._tls = httpx.AsyncHTTPTransport()
             return await self._tls.handle_async_request(request)
-        timeouts = request.extensions.get("timeout", {})
-        key = (url.host, url.port or 80)
         head = self._head(request, await request.aread())
+        timeouts = request.extensions.get("timeout", {})
+        return await self._send((url.host, url.port or 80), head, request, timeouts)
+
+    async def post(
+        self, url: httpx.URL, body: bytes, headers: dict[str, str], timeouts: dict
+    ) -> httpx.Response:
+        """A POST without an httpx.Request: the head is written straight from the arguments."""
+        if url.scheme != "http":
+            request = httpx.Request(
+                "POST", url, content=body, headers=headers, extensions={"timeout": timeouts}
+            )
+            return await self.handle_async_request(request)
+        lines = [b"POST " + url.raw_path + b" HTTP/1.1", b"Host: " + url.netloc]
+        lines += [f"{name}: {value}".encode("latin-1") for name, value in headers.items()]
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        return await self._send(
+            (url.host, url.port or 80), b"\r\n".join(lines) + body, None, timeouts
+        )
+
+    async def _send(
+        self, key: tuple[str, int], head: bytes, request: httpx.Request | None, timeouts: dict
+    ) -> httpx.Response:
         conn = self._idle_connection(key)
         if conn is not None:
             try:
@@ -185,7 +205,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self,
         key: tuple[str, int],
         conn: _Connection,
-        request: httpx.Request,
+        request: httpx.Request | None,
         head: bytes,
         timeouts: dict,
     ) -> httpx.Response:
@@ -224,7 +244,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self,
         key: tuple[str, int],
         conn: _Connection,
-        request: httpx.Request,
+        request: httpx.Request | None,
         raw: bytes,
         read_timeout: float | None,
     ) -> httpx.Response:
@@ -253,7 +273,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 chunked = value.lower().endswith(b"chunked")
             elif lower == b"connection":
                 keep_alive = value.lower() != b"close" and keep_alive
-        if request.method == "HEAD" or status in _NO_BODY_STATUS:
+        if status in _NO_BODY_STATUS or (request is not None and request.method == "HEAD"):
             length, chunked = 0, False
         body = _Body(
             self, key, conn, None if chunked else length, chunked, keep_alive, read_timeout
@@ -286,15 +306,12 @@ class UpstreamClient(httpx.AsyncClient):
         self.transport = transport
         self.timeouts = self.timeout.as_dict()
 
-    def request_for(self, url: httpx.URL, body: bytes, headers: dict[str, str]) -> httpx.Request:
-        return httpx.Request(
-            "POST", url, content=body, headers=headers, extensions={"timeout": self.timeouts}
-        )
-
-    async def send_direct(self, request: httpx.Request) -> httpx.Response:
-        """The answer's head; the body streams (read it, then aclose). No redirects, auth,
-        cookies or event hooks."""
-        return await self.transport.handle_async_request(request)
+    async def send_direct(
+        self, url: httpx.URL, body: bytes, headers: dict[str, str]
+    ) -> httpx.Response:
+        """POST `body`: the answer's head, its body to stream (read it, then aclose). No
+        httpx.Request, redirects, auth, cookies or event hooks."""
+        return await self.transport.post(url, body, headers, self.timeouts)
 
 
 def make_client(connect_timeout: float, max_keepalive: int) -> UpstreamClient:

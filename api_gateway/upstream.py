@@ -91,7 +91,7 @@ async def send_once(
     try:
         with anyio.fail_after(_remaining(first_byte_deadline if stream else deadline)):
             if isinstance(client, UpstreamClient):  # the gateway's own: straight to the worker
-                response = await client.send_direct(client.request_for(_url(url), body, headers))
+                response = await client.send_direct(_url(url), body, headers)
             else:
                 request = client.build_request("POST", _url(url), content=body, headers=headers)
                 response = await client.send(request, stream=True)

@@ -554,21 +554,19 @@ def test_transport_keeps_connections_alive_frames_bodies_and_drops_an_unfinished
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
         client = make_client(1.0, max_keepalive=4)
         try:
-            first = await client.send_direct(client.request_for(httpx.URL(url), b"a", {}))
+            first = await client.send_direct(httpx.URL(url), b"a", {})
             assert (first.status_code, await first.aread()) == (200, b"hello")
-            second = await client.send_direct(client.request_for(httpx.URL(url), b"bb", {}))
+            second = await client.send_direct(httpx.URL(url), b"bb", {})
             assert [c async for c in second.aiter_raw()] == [b"abc", b"de"]
             assert len(connections) == 1  # kept alive
-            third = await client.send_direct(client.request_for(httpx.URL(url), b"c", {}))
+            third = await client.send_direct(httpx.URL(url), b"c", {})
             assert await third.aiter_raw().__anext__() == b"12345"
             await third.aclose()  # unfinished: this connection is dropped
             fourth = await client.post(url, content=b"dd")  # httpx's own path, same transport
             assert (fourth.status_code, fourth.content) == (404, b"no")
             assert len(connections) == 2 and seen == [b"a", b"bb", b"c", b"dd"]
             with pytest.raises(httpx.ConnectError):
-                await client.send_direct(
-                    client.request_for(httpx.URL(f"http://127.0.0.1:{free_port()}/"), b"", {})
-                )
+                await client.send_direct(httpx.URL(f"http://127.0.0.1:{free_port()}/"), b"", {})
         finally:
             await client.aclose()
             server.close()
