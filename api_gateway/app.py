@@ -41,8 +41,9 @@ from pagedserve.api_gateway.protocol import (
 from pagedserve.api_gateway.rate_limit import KeyRateLimits, RedisRateLimiter, make_rate_limiter
 from pagedserve.api_gateway.request_context import GatewayMiddleware, RequestContext
 from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.serving import GatewayServing
+from pagedserve.controller.dispatch import make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             if not table.controller_ok:
                 logger.warning("controller %s not reachable yet", config.controller_address)
             table.start()
+            in_flight = InFlight()
             forwarder = Forwarder(
                 client,
                 table,
-                LeastOutstanding(),
+                make_policy(config.routing_policy, load=in_flight.load),
+                in_flight,
                 breakers,
                 RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_second),
                 metrics,
@@ -151,8 +154,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 config, client, table, forwarder, limits, concurrency, metrics
             )
             logger.info(
-                "gateway ready: controller=%s keys=%s limits=%s",
+                "gateway ready: controller=%s routing=%s keys=%s limits=%s",
                 config.controller_address,
+                config.routing_policy,
                 len(keys) if keys else "off",
                 "redis" if config.redis_url else "memory",
             )

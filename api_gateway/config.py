@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedserve.controller.dispatch import check_policy_name
+
 # The protocol refuses n > 16 for every server (api_gateway/protocol.py).
 PROTOCOL_MAX_N = 16
 
@@ -44,6 +46,8 @@ class GatewayConfig:
     # The controller's view of workers is fetched this often (and at once on a miss or fault).
     routing_refresh_interval: float = 2.0
     controller_timeout: float = 3.0
+    # Which worker gets a request: see controller/dispatch.py (the controller's policies).
+    routing_policy: str = "least_load"
 
     def __post_init__(self) -> None:
         if not self.controller_address.startswith(("http://", "https://")):
@@ -80,6 +84,7 @@ class GatewayConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)}")
+        check_policy_name(self.routing_policy)
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0; got {self.max_retries}")
         if not 0 <= self.retry_budget_ratio <= 1:

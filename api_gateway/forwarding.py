@@ -15,7 +15,7 @@ from pagedserve.api_gateway.circuit_breaker import CircuitBreakers
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.metrics import GatewayMetrics
 from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.upstream import (
     Answer,
     OpenStream,
@@ -23,6 +23,7 @@ from pagedserve.api_gateway.upstream import (
     UpstreamFailure,
     send_once,
 )
+from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.protocol import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Forwarded:
-    worker: WorkerView
+    route: Route
     outcome: Answer | OpenStream | Refusal
     retries: int
+
+    @property
+    def worker(self) -> WorkerView:
+        return self.route.worker  # type: ignore[return-value]  # the table's WorkerViews
 
 
 class Forwarder:
@@ -40,7 +45,8 @@ class Forwarder:
         self,
         client: httpx.AsyncClient,
         table: RoutingTable,
-        policy: LeastOutstanding,
+        policy: RoutingPolicy,
+        in_flight: InFlight,
         breakers: CircuitBreakers,
         budget: RetryBudget,
         metrics: GatewayMetrics,
@@ -50,6 +56,7 @@ class Forwarder:
         self.client = client
         self.table = table
         self.policy = policy
+        self.in_flight = in_flight
         self.breakers = breakers
         self.budget = budget
         self.metrics = metrics
@@ -58,30 +65,33 @@ class Forwarder:
 
     async def forward(
         self,
-        model: str,
+        request: RouteRequest,
         path: str,
         body: bytes,
         headers: dict[str, str],
         stream: bool,
         deadline: float,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> Forwarded:
         """The first worker's answer that is not a failure. An OpenStream holds the worker in
-        the policy's count until `done(worker)` is called."""
-        tried: set[str] = set()
+        the in-flight count until `done(worker)` is called."""
+        model = request.model
+        tried = set(exclude)
         failure: UpstreamFailure | None = None
         self.budget.record_request()
         for attempt in range(1 + self.max_retries):
             if attempt and (time.monotonic() >= deadline or not self.budget.try_spend()):
                 break
-            worker = self._pick(model, tried)
-            if worker is None:
+            route = self._pick(request, tried)
+            if route is None:
                 break
+            worker = route.worker
             if failure is not None:
                 self.metrics.retries.labels(model, failure.reason).inc()
             tried.add(worker.worker_id)
             breaker = self.breakers[worker.worker_id]
             breaker.begin()
-            self.policy.begin(worker.worker_id)
+            self.in_flight.begin(worker.worker_id)
             first_byte = min(deadline, time.monotonic() + self.first_token_timeout)
             try:
                 outcome = await send_once(
@@ -94,32 +104,38 @@ class Forwarder:
                     deadline=deadline,
                 )
             except UpstreamFailure as e:
-                self.policy.end(worker.worker_id)
+                self.in_flight.end(worker.worker_id)
                 failure = e
                 self._failed(worker, e)
                 if e.reason == "connect":
                     await self.table.refresh_soon()
                 continue
             except BaseException:  # cancelled (client gone): no verdict on the worker
-                self.policy.end(worker.worker_id)
+                self.in_flight.end(worker.worker_id)
                 breaker.cancel()
                 raise
             breaker.success()
             if not isinstance(outcome, OpenStream):
-                self.policy.end(worker.worker_id)
-            return Forwarded(worker, outcome, attempt)
+                self.in_flight.end(worker.worker_id)
+            return Forwarded(route, outcome, attempt)
         raise self._exhausted(model, failure)
 
     def done(self, worker: WorkerView) -> None:
-        self.policy.end(worker.worker_id)
+        self.in_flight.end(worker.worker_id)
 
-    def _pick(self, model: str, tried: set[str]) -> WorkerView | None:
+    async def stream_failed(self, worker: WorkerView, reason: str) -> None:
+        """A worker's stream broke after its first byte: count it against the worker, and look
+        for news of it (it may be gone) before another is chosen."""
+        self._failed(worker, UpstreamFailure("broken", reason))
+        await self.table.refresh_soon()
+
+    def _pick(self, request: RouteRequest, tried: set[str]) -> Route | None:
         candidates = [
             w
-            for w in self.table.workers(model)
+            for w in self.table.workers(request.model)
             if w.worker_id not in tried and self.breakers[w.worker_id].available()
         ]
-        return self.policy.select(candidates) if candidates else None
+        return self.policy.select(candidates, request)
 
     def _failed(self, worker: WorkerView, e: UpstreamFailure) -> None:
         self.metrics.worker_failures.labels(e.reason).inc()

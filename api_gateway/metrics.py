@@ -77,6 +77,20 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.prefix_routes = Counter(
+            "pagedserve_gateway_prefix_routes_total",
+            "Routed requests, by whether the chosen worker was expected to hold some of the "
+            "prompt's prefix in its cache (hit) or not (miss).",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.resumed_streams = Counter(
+            "pagedserve_gateway_resumed_streams_total",
+            "Streams whose worker failed after the first byte, by outcome: resumed on another "
+            "worker, or failed (no worker, or a request that cannot be resumed).",
+            ["model", "result"],
+            registry=self.registry,
+        )
         self.rate_limited = Counter(
             "pagedserve_gateway_rate_limited_total",
             "Requests refused by a limit: rpm, tpm, key_concurrency, total_concurrency.",

@@ -8,20 +8,57 @@ with a 400 that says so, never silently ignored.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+# The gateway names each request (the client's id when it is sane) and sends it to the worker.
+REQUEST_ID_HEADER = "X-Request-Id"
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def completion_id(prefix: str, request_id: str | None) -> str:
+    """`<prefix>-<the gateway's request id>` when there is a sane one, so that a stream
+    resumed on another worker keeps its id; a random one otherwise."""
+    if request_id and SANE_REQUEST_ID.fullmatch(request_id):
+        return f"{prefix}-{request_id}"
+    return random_id(prefix)
+
+
 class OpenAIModel(BaseModel):
     # Clients send fields this server does not model (new OpenAI parameters): ignore them.
     model_config = ConfigDict(extra="ignore")
+
+
+class WithTokenIds(OpenAIModel):
+    """A response part that may carry pagedserve's token ids (`return_token_ids`): they are
+    left out of the JSON when not asked for, never sent as null."""
+
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("token_ids", "prompt_token_ids")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_token_ids(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._omit_when_none:
+                if data.get(name, 0) is None:
+                    del data[name]
+        return data
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -75,6 +112,16 @@ Stop = str | list[str] | None
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
+class ResumeFrom(OpenAIModel):
+    """pagedserve's extension: serve this request as if this worker had already generated
+    `output_token_ids` for its one choice and streamed the first `sent_chars` characters
+    (Python str length) of their text. The gateway sends it to continue a stream whose
+    worker died; the answer comes out as the uninterrupted one would have."""
+
+    output_token_ids: list[TokenId]
+    sent_chars: int = Field(default=0, ge=0)
+
+
 class SamplingFields(OpenAIModel):
     """Sampling parameters common to both endpoints (OpenAI's, plus vLLM's extras)."""
 
@@ -101,6 +148,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     best_of: int | None = Field(default=None, ge=1)
     use_beam_search: bool = False
+    # pagedserve's extensions, for a stream that survives its worker
+    return_token_ids: bool = False  # token ids on each choice, the prompt's on the first chunk
+    resume: ResumeFrom | None = None
 
     @field_validator("stop")
     @classmethod
@@ -150,14 +200,15 @@ class CompletionLogprobs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionResponseChoice(OpenAIModel):
+class CompletionResponseChoice(WithTokenIds):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = None
 
 
-class CompletionResponse(OpenAIModel):
+class CompletionResponse(WithTokenIds):
     id: str = Field(default_factory=lambda: random_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -165,16 +216,18 @@ class CompletionResponse(OpenAIModel):
     system_fingerprint: str | None = None
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None
 
 
-class CompletionResponseStreamChoice(OpenAIModel):
+class CompletionResponseStreamChoice(WithTokenIds):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = None
 
 
-class CompletionStreamResponse(OpenAIModel):
+class CompletionStreamResponse(WithTokenIds):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -182,6 +235,7 @@ class CompletionStreamResponse(OpenAIModel):
     system_fingerprint: str | None = None
     choices: list[CompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------------
@@ -261,14 +315,15 @@ class ChoiceLogprobs(OpenAIModel):
     content: list[ChatCompletionTokenLogprob] | None = None
 
 
-class ChatCompletionResponseChoice(OpenAIModel):
+class ChatCompletionResponseChoice(WithTokenIds):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionResponse(OpenAIModel):
+class ChatCompletionResponse(WithTokenIds):
     id: str = Field(default_factory=lambda: random_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -276,6 +331,7 @@ class ChatCompletionResponse(OpenAIModel):
     system_fingerprint: str | None = None
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(OpenAIModel):
@@ -283,14 +339,15 @@ class DeltaMessage(OpenAIModel):
     content: str | None = None
 
 
-class ChatCompletionResponseStreamChoice(OpenAIModel):
+class ChatCompletionResponseStreamChoice(WithTokenIds):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionStreamResponse(OpenAIModel):
+class ChatCompletionStreamResponse(WithTokenIds):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -298,3 +355,4 @@ class ChatCompletionStreamResponse(OpenAIModel):
     system_fingerprint: str | None = None
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None

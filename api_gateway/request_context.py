@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,11 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedserve.api_gateway.auth import ApiKey, KeyRing
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.metrics import GatewayMetrics
+from pagedserve.api_gateway.protocol import REQUEST_ID_HEADER as REQUEST_ID_HEADER
+from pagedserve.api_gateway.protocol import SANE_REQUEST_ID
 
 access_log = logging.getLogger("pagedserve.api_gateway.access")
 
-REQUEST_ID_HEADER = "X-Request-Id"
-_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
@@ -65,7 +64,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-request-id")
-        rid = given if given and _SANE_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
+        rid = given if given and SANE_REQUEST_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
         ctx = RequestContext(request_id=rid)
         scope.setdefault("state", {})["ctx"] = ctx
         status = 500

@@ -1,5 +1,5 @@
-"""Where a model's requests go: the controller's view of workers, cached, and a policy that
-picks one of a model's workers.
+"""Where a model's requests may go: the controller's view of workers, cached, and the count of
+requests in flight on each, which the routing policy (controller/dispatch.py) weighs.
 
 The view (GET {controller}/workers) is fetched every `refresh_interval` seconds in the
 background, and at once (at most every `min_refresh_gap` s, one fetch shared by all waiting
@@ -15,12 +15,12 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import httpx
 
 from pagedserve.api_gateway.protocol import ModelCard
-from pagedserve.controller.protocol import WorkersResponse, WorkerView
+from pagedserve.controller.protocol import WorkerInfo, WorkersResponse, WorkerView
 
 logger = logging.getLogger(__name__)
 
@@ -135,26 +135,17 @@ class RoutingTable:
                     await task
 
 
-class LeastOutstanding:
-    """Pick the worker with the fewest requests this gateway has in flight on it, then the
-    fewest waiting by the controller's last report; ties go round-robin."""
+class InFlight:
+    """The requests this gateway has in flight on each worker: the live part of the load that
+    its routing policy weighs (controller/dispatch.py)."""
 
     def __init__(self) -> None:
         self.outstanding: Counter[str] = Counter()
-        self._turn = 0
 
-    def select(self, workers: Sequence[WorkerView]) -> WorkerView:
-        self._turn += 1
-        n = len(workers)
-        best = min(
-            range(n),
-            key=lambda i: (
-                self.outstanding[workers[i].worker_id],
-                workers[i].waiting,
-                (i - self._turn) % n,
-            ),
-        )
-        return workers[best]
+    def load(self, w: WorkerInfo) -> float:
+        """Ours in flight there (exact, live) plus its waiting queue at its last report (other
+        gateways' and clients' requests)."""
+        return self.outstanding[w.worker_id] + w.waiting
 
     def begin(self, worker_id: str) -> None:
         self.outstanding[worker_id] += 1

@@ -33,9 +33,11 @@ from pagedserve.api_gateway.metrics import GatewayMetrics
 from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import Admission, KeyRateLimits
 from pagedserve.api_gateway.request_context import REQUEST_ID_HEADER, RequestContext
+from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
 from pagedserve.api_gateway.routing import RoutingTable
 from pagedserve.api_gateway.streaming import RelayResponse, SSERelay
 from pagedserve.api_gateway.upstream import Answer, OpenStream, Refusal
+from pagedserve.controller.dispatch import ROUTE_HEADER, SESSION_HEADER, Route, RouteRequest
 from pagedserve.controller.protocol import WorkerView
 
 T = TypeVar("T")
@@ -74,8 +76,10 @@ class Lease:
         self._closed = True
         try:
             if self.forwarded is not None and isinstance(self.forwarded.outcome, OpenStream):
-                await self.forwarded.outcome.aclose()
-                self.serving.forwarder.done(self.forwarded.worker)
+                resumer = self.relay.resumer if self.relay is not None else None
+                current = resumer.current if resumer is not None else self.forwarded
+                await current.outcome.aclose()
+                self.serving.forwarder.done(current.worker)
             if self.relay is not None:
                 self.serving.record_stream(self.ctx, self.relay)
             if self.admission is not None:
@@ -131,12 +135,29 @@ class GatewayServing:
             ctx.prompt_tokens = prompt_tokens  # replaced by the worker's count when known
             deadline = ctx.started + self.config.total_timeout
             headers = {"content-type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
+            route_request = RouteRequest(
+                req.model, _route_prompt(req), request.headers.get(SESSION_HEADER)
+            )
+            sent = asking_for_token_ids(body) if resumable(req) else body
             forward = self.forwarder.forward(
-                req.model, endpoint.path, body, headers, req.stream, deadline
+                route_request, endpoint.path, sent, headers, req.stream, deadline
             )
             lease.forwarded = forwarded = await until_disconnected(request, forward, _close)
             ctx.worker, ctx.retries = forwarded.worker.worker_name, forwarded.retries
-            response = self._format(endpoint, forwarded, ctx, lease, deadline)
+            self._count_route(ctx, forwarded.route)
+            resumer = None
+            if isinstance(forwarded.outcome, OpenStream) and resumable(req):
+                resumer = StreamResumer(
+                    self.forwarder,
+                    route_request,
+                    endpoint.path,
+                    body,
+                    headers,
+                    deadline,
+                    client_wants_ids=req.return_token_ids,
+                    first=forwarded,
+                )
+            response = self._format(endpoint, forwarded, ctx, lease, deadline, resumer)
             handed_over = isinstance(response, RelayResponse)  # it closes the lease at its end
             return response
         finally:
@@ -253,6 +274,10 @@ class GatewayServing:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return fallback
 
+    def _count_route(self, ctx: RequestContext, route: Route) -> None:
+        result = "hit" if route.cached_tokens else "miss"
+        self.metrics.prefix_routes.labels(ctx.model or "-", result).inc()
+
     # -- format -----------------------------------------------------------------------------
 
     def _format(
@@ -262,20 +287,27 @@ class GatewayServing:
         ctx: RequestContext,
         lease: Lease,
         deadline: float,
+        resumer: StreamResumer | None,
     ) -> Response:
         outcome = forwarded.outcome
+        route = {ROUTE_HEADER: forwarded.route.header()}
         if isinstance(outcome, OpenStream):
             ctx.ttft = time.monotonic() - ctx.started
             self.metrics.ttft.labels(endpoint.path, ctx.model or "-").observe(ctx.ttft)
-            lease.relay = SSERelay(outcome, deadline)
-            return RelayResponse(lease.relay, lease.close, headers={"Cache-Control": "no-cache"})
+            lease.relay = SSERelay(outcome, deadline, resumer)
+            return RelayResponse(
+                lease.relay, lease.close, headers={"Cache-Control": "no-cache", **route}
+            )
         if isinstance(outcome, Refusal):
             ctx.prompt_tokens, ctx.error = 0, f"worker answered {outcome.status}"
             return Response(
-                outcome.body, status_code=outcome.status, media_type=outcome.content_type
+                outcome.body,
+                status_code=outcome.status,
+                media_type=outcome.content_type,
+                headers=route,
             )
         self._record_usage(ctx, outcome)
-        return Response(outcome.body, media_type="application/json")
+        return Response(outcome.body, media_type="application/json", headers=route)
 
     def _record_usage(self, ctx: RequestContext, answer: Answer) -> None:
         try:
@@ -295,12 +327,34 @@ class GatewayServing:
         if not relay.done and relay.error is None:
             relay.error = "client_closed"  # the client left before the end
         ctx.error = ctx.error or relay.error
+        resumer = relay.resumer
+        if resumer is not None and resumer.resumes:
+            ctx.worker, ctx.retries = (
+                resumer.current.worker.worker_name,
+                ctx.retries + resumer.resumes,
+            )
+            self.metrics.resumed_streams.labels(ctx.model or "-", "resumed").inc(resumer.resumes)
+        if relay.error is not None and relay.error not in ("client_closed", "timeout"):
+            self.metrics.resumed_streams.labels(ctx.model or "-", "failed").inc()
         self._count_tokens(ctx)
 
     def _count_tokens(self, ctx: RequestContext) -> None:
         model = ctx.model or "-"
         self.metrics.prompt_tokens.labels(model).inc(ctx.prompt_tokens or 0)
         self.metrics.completion_tokens.labels(model).inc(ctx.completion_tokens or 0)
+
+
+def _route_prompt(req: ChatCompletionRequest | CompletionRequest) -> str | list[int] | None:
+    """What prefix-aware routing goes by: the chat's messages as text (each turn of a
+    conversation extends the previous one's), or the one prompt of a completion."""
+    if isinstance(req, ChatCompletionRequest):
+        return "".join(f"{m.role}\n{m.text()}\n" for m in req.messages)
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    return prompt[0] if len(prompt) == 1 else None  # a batch of prompts: no single prefix
 
 
 def _prompts(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[Any, int]]:

@@ -3,8 +3,10 @@
 Events pass through byte for byte, whole events at a time (bytes after the last blank line
 wait for the rest of their event), so that a failure never leaves half an event: a broken
 connection or the total timeout ends the stream with one OpenAI error event and
-`data: [DONE]`. The relay also notes what the log and the limits need: the events sent and
-the usage of the final chunk when the client asked for it.
+`data: [DONE]`, unless a `StreamResumer` (resumption.py) can go on on another worker: then the
+half event is dropped and the other worker's stream follows. The relay also notes what the log
+and the limits need: the events sent and the usage of the final chunk when the client asked
+for it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
@@ -24,6 +26,9 @@ from starlette.types import Receive, Scope, Send
 
 from pagedserve.api_gateway.errors import error_event
 from pagedserve.api_gateway.upstream import OpenStream
+
+if TYPE_CHECKING:
+    from pagedserve.api_gateway.resumption import StreamResumer
 
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
@@ -46,9 +51,12 @@ else:  # pragma: no cover - Python 3.10
 
 
 class SSERelay:
-    def __init__(self, stream: OpenStream, deadline: float) -> None:
-        self.stream = stream
+    def __init__(
+        self, stream: OpenStream, deadline: float, resumer: StreamResumer | None = None
+    ) -> None:
+        self.stream = stream  # the worker's stream now (another one after a resumption)
         self.deadline = deadline
+        self.resumer = resumer
         self.events = 0
         self.usage: dict[str, Any] | None = None
         self.done = False  # the worker's [DONE] went through
@@ -62,18 +70,29 @@ class SSERelay:
             cut = pending.rfind(b"\n\n") + 2
             if cut >= 2:
                 block, pending = pending[:cut], pending[cut:]
+                if self.resumer is not None:
+                    block = self.resumer.observe(block)
                 self._observe(block)
                 yield block
+            broke = None
             try:
                 data = await within(self.deadline, self.stream.chunks.__anext__())
+                continue
             except StopAsyncIteration:
-                break
+                if not self.done:
+                    broke = "the worker ended the stream without [DONE]"
             except TimeoutError:
                 self.error = "timeout"
-                break
             except httpx.HTTPError as e:
-                self.error = f"worker stream broke: {e!r}"
-                break
+                broke = f"worker stream broke: {e!r}"
+            if broke is not None and self.resumer is not None:
+                stream = await self.resumer.resume(broke)
+                if stream is not None:
+                    await self.stream.aclose()
+                    self.stream, pending, data = stream, b"", stream.first
+                    continue
+            self.error = self.error or broke
+            break
         if not self.done:
             if self.error is None:
                 self.error = "the worker ended the stream without [DONE]"

@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pagedserve.controller.config import ControllerConfig
-from pagedserve.controller.dispatch import make_policy
+from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest, make_policy
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.monitor import Monitor
 from pagedserve.controller.protocol import (
@@ -75,13 +75,13 @@ def create_app(config: ControllerConfig) -> FastAPI:
         try:
             await store.ping()
             app.state.controller = Controller(
-                config, store, make_policy(config.dispatch_method), client, ControllerMetrics()
+                config, store, make_policy(config.routing_policy), client, ControllerMetrics()
             )
             monitor = Monitor(app.state.controller)
             monitor.start()
             logger.info(
-                "controller ready: dispatch=%s store=%s expiration=%ss",
-                config.dispatch_method,
+                "controller ready: routing=%s store=%s expiration=%ss",
+                config.routing_policy,
                 "redis" if config.redis_url else "memory",
                 config.heartbeat_expiration,
             )
@@ -147,11 +147,14 @@ def create_app(config: ControllerConfig) -> FastAPI:
         response_model=WorkerAddressResponse,
         response_model_exclude_none=True,
     )
-    async def get_worker_address(body: ModelRequest, ctl: Ctl) -> WorkerAddressResponse:
+    async def get_worker_address(
+        body: ModelRequest, ctl: Ctl, response: Response
+    ) -> WorkerAddressResponse:
         # FastChat's clients expect 200 and "" when no worker serves the model.
-        worker = await ctl.select(body.model)
-        if worker is not None:
-            return WorkerAddressResponse(address=worker.worker_name)
+        route = await ctl.select(RouteRequest(body.model, body.prompt, body.session_id))
+        if route is not None:
+            response.headers[ROUTE_HEADER] = route.header()
+            return WorkerAddressResponse(address=route.worker.worker_name)
         return WorkerAddressResponse(
             address="",
             error_code=ErrorCode.CONTROLLER_NO_WORKER,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.controller.dispatch import DISPATCH_METHODS
+from pagedserve.controller.dispatch import check_policy_name
 
 
 @dataclass
 class ControllerConfig:
     host: str = "127.0.0.1"
     port: int = 21001
-    # least_load (default) or round_robin; FastChat's names lottery and shortest_queue too.
-    dispatch_method: str = "least_load"
+    # least_load (default), round_robin or prefix_aware (controller/dispatch.py); FastChat's
+    # names lottery and shortest_queue too.
+    routing_policy: str = "least_load"
     # A worker whose heartbeats stop for this long is removed (3 x the worker's default 10 s).
     heartbeat_expiration: float = 30.0
     # Active health checks: GET {worker}/ready every interval (0 turns them off); a worker that
@@ -28,11 +29,7 @@ class ControllerConfig:
     worker_api_timeout: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.dispatch_method not in DISPATCH_METHODS:
-            raise ValueError(
-                f"dispatch_method must be one of {', '.join(DISPATCH_METHODS)}; "
-                f"got {self.dispatch_method!r}"
-            )
+        check_policy_name(self.routing_policy)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535; got {self.port}")
         if self.heartbeat_expiration <= 0:

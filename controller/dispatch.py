@@ -1,100 +1,232 @@
-"""Dispatch policies: which of the workers serving a model gets the next request.
+"""Routing policies: which of the workers serving a model gets the next request.
 
-Every policy is a small object behind one method, `select(workers, model) -> worker | None`.
-The controller hands it only workers that serve `model` and accept requests (ready, not
-draining, healthy); the policy only chooses.
+One policy object serves both dispatchers: the gateway (OpenAI traffic, routed in-process)
+and the controller's `get_worker_address` (FastChat traffic). Each is handed only workers that
+serve the model and accept requests (ready, not draining, healthy) and only chooses:
+
+    policy.select(workers, RouteRequest(model, prompt, session_id)) -> Route | None
+
+What counts as a worker's load differs between the two, so each passes its own measure (`load`:
+the requests ahead of a new one on that worker). The controller counts the queue a worker last
+reported plus what it dispatched since; the gateway counts what it has in flight there plus the
+worker's reported waiting queue.
+
+Every policy also:
+- keeps multi-turn sessions sticky (an `x-session-id` header, or the arena's conversation id)
+  unless their worker is far busier than the least loaded one, or gone;
+- remembers which worker was sent which prompt prefix (`PrefixIndex`), so that each route says
+  how many of its prompt's tokens the chosen worker probably has cached. `prefix_aware` is the
+  policy that acts on it.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections import defaultdict
-from collections.abc import Sequence
-from typing import Protocol
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
+from pagedserve.controller.prefix_index import PrefixIndex, Prompt, block_keys
 from pagedserve.controller.protocol import WorkerInfo
 
+W = TypeVar("W", bound=WorkerInfo)
+ROUTE_HEADER = "x-pagedserve-route"
+SESSION_HEADER = "x-session-id"
+LoadMeasure = Callable[[WorkerInfo], float]
 
-class DispatchPolicy(Protocol):
-    name: str
 
-    def select(self, workers: Sequence[WorkerInfo], model: str) -> WorkerInfo | None: ...
+def reported_load(w: WorkerInfo) -> float:
+    """The controller's measure: the queue of its last heartbeat plus what was sent since."""
+    return w.queue_length + w.dispatched
 
 
-class RoundRobin:
-    """Each model's workers in turn (ordered by name, so the order survives re-listing)."""
+@dataclass(frozen=True)
+class RouteRequest:
+    model: str
+    prompt: Prompt | None = None  # text or token ids; None when the caller does not say
+    session_id: str | None = None
 
-    name = "round_robin"
 
-    def __init__(self) -> None:
-        self._counters: dict[str, itertools.count] = defaultdict(itertools.count)
+@dataclass(frozen=True)
+class Route:
+    worker: WorkerInfo
+    policy: str
+    cached_tokens: int = 0  # prompt tokens the worker is expected to hold in its prefix cache
+    sticky: bool = False  # chosen because the session was bound to it
 
-    def select(self, workers: Sequence[WorkerInfo], model: str) -> WorkerInfo | None:
+    def header(self) -> str:
+        """The value of the x-pagedserve-route response header."""
+        return (
+            f"policy={self.policy}; worker={self.worker.worker_id}; "
+            f"cached_tokens={self.cached_tokens}"
+        )
+
+
+class SessionTable:
+    """Session id -> worker id, the least recently used session forgotten past `max_sessions`."""
+
+    def __init__(self, max_sessions: int = 100_000) -> None:
+        self.max_sessions = max_sessions
+        self._workers: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, session_id: str) -> str | None:
+        worker_id = self._workers.get(session_id)
+        if worker_id is not None:
+            self._workers.move_to_end(session_id)
+        return worker_id
+
+    def bind(self, session_id: str, worker_id: str) -> None:
+        self._workers[session_id] = worker_id
+        self._workers.move_to_end(session_id)
+        while len(self._workers) > self.max_sessions:
+            self._workers.popitem(last=False)
+
+
+class RoutingPolicy:
+    """What every policy shares: the load measure, session stickiness and the prefix index.
+    Subclasses implement `_choose`."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        load: LoadMeasure = reported_load,
+        kv_weight: float = 1.0,
+        session_spill: float = 4.0,
+        index: PrefixIndex | None = None,
+        sessions: SessionTable | None = None,
+    ) -> None:
+        """kv_weight: how many queued requests a full KV cache weighs as. session_spill: how
+        many requests more than the least loaded worker a session's worker may have before the
+        session moves."""
+        if kv_weight < 0:
+            raise ValueError(f"kv_weight must be >= 0; got {kv_weight}")
+        if session_spill < 0:
+            raise ValueError(f"session_spill must be >= 0; got {session_spill}")
+        self.load = load
+        self.kv_weight = kv_weight
+        self.session_spill = session_spill
+        self.index = index if index is not None else PrefixIndex()
+        self.sessions = sessions if sessions is not None else SessionTable()
+        self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+
+    def cost(self, w: WorkerInfo) -> float:
+        """Requests ahead of a new one, per unit of the worker's speed, plus its KV pressure."""
+        return self.load(w) / max(w.speed, 1) + self.kv_weight * w.kv_usage
+
+    def select(self, workers: Sequence[W], request: RouteRequest) -> Route | None:
         if not workers:
             return None
+        keys = block_keys(request.model, request.prompt) if request.prompt is not None else []
+        cached = self.index.cached_tokens(keys, (w.worker_id for w in workers)) if keys else {}
+        chosen = self._sticky(workers, request)
+        sticky = chosen is not None
+        if chosen is None:
+            chosen = self._choose(workers, request, cached)
+        if request.session_id is not None:
+            self.sessions.bind(request.session_id, chosen.worker_id)
+        if keys:
+            self.index.record(keys, chosen.worker_id)
+        return Route(chosen, self.name, cached.get(chosen.worker_id, 0), sticky)
+
+    def _sticky(self, workers: Sequence[W], request: RouteRequest) -> W | None:
+        if request.session_id is None:
+            return None
+        worker_id = self.sessions.get(request.session_id)
+        bound = next((w for w in workers if w.worker_id == worker_id), None)
+        if bound is None:
+            return None
+        if self.cost(bound) - min(self.cost(w) for w in workers) > self.session_spill:
+            return None  # far busier than another: the session moves
+        return bound
+
+    def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
+        raise NotImplementedError
+
+    def _round_robin(self, workers: Sequence[W], model: str) -> W:
+        """Each model's workers in turn, ordered by name so the order survives re-listing."""
         ordered = sorted(workers, key=lambda w: w.worker_name)
-        return ordered[next(self._counters[model]) % len(ordered)]
+        return ordered[next(self._turns[model]) % len(ordered)]
 
 
-class LeastLoad:
-    """The worker with the least load per unit of speed, counting what it reported in its last
-    heartbeat (requests running and waiting, KV-cache use) plus the requests sent its way since.
+class RoundRobin(RoutingPolicy):
+    name = "round_robin"
 
-    score = (queue_length + dispatched) / speed + kv_weight * kv_usage
+    def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
+        return self._round_robin(workers, request.model)
 
-    FastChat's `shortest_queue` is this policy with kv_weight = 0 and no dispatched count; the
-    dispatched count is what makes a burst between two heartbeats spread out. Ties go round
-    robin.
-    """
+
+class LeastLoad(RoutingPolicy):
+    """The worker with the lowest `cost`; ties go round robin. FastChat's `shortest_queue` is
+    this policy with kv_weight = 0 and without the requests dispatched since the heartbeat,
+    which are what make a burst between two heartbeats spread out."""
 
     name = "least_load"
 
-    def __init__(self, kv_weight: float = 1.0) -> None:
-        if kv_weight < 0:
-            raise ValueError(f"kv_weight must be >= 0; got {kv_weight}")
-        self.kv_weight = kv_weight
-        self._tie_break = RoundRobin()
-
-    def score(self, w: WorkerInfo) -> float:
-        return (w.queue_length + w.dispatched) / max(w.speed, 1) + self.kv_weight * w.kv_usage
-
-    def select(self, workers: Sequence[WorkerInfo], model: str) -> WorkerInfo | None:
-        if not workers:
-            return None
-        best = min(self.score(w) for w in workers)
-        tied = [w for w in workers if self.score(w) - best < 1e-9]
-        return self._tie_break.select(tied, model)
+    def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
+        costs = [self.cost(w) for w in workers]
+        best = min(costs)
+        tied = [w for w, c in zip(workers, costs, strict=True) if c - best < 1e-9]
+        return self._round_robin(tied, request.model)
 
 
-class Lottery:
+class PrefixAware(RoutingPolicy):
+    """Least expected work: each worker's cost in requests, at `request_tokens` prompt tokens
+    a request, minus the prompt tokens it probably has cached. A hot prefix stays on the
+    workers that hold it until they are `cached / request_tokens` requests busier than the
+    others, then spills to another worker, which from then on holds it too: no pile-up on an
+    overloaded worker. Without a prompt, or with nothing cached, this is least_load."""
+
+    name = "prefix_aware"
+
+    def __init__(self, *args, request_tokens: float = 256.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not request_tokens > 0:
+            raise ValueError(f"request_tokens must be > 0; got {request_tokens}")
+        self.request_tokens = request_tokens
+
+    def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
+        costs = [self.cost(w) * self.request_tokens - cached.get(w.worker_id, 0) for w in workers]
+        best = min(costs)
+        tied = [w for w, c in zip(workers, costs, strict=True) if c - best < 1e-6]
+        return self._round_robin(tied, request.model)
+
+
+class Lottery(RoutingPolicy):
     """FastChat's `lottery`: a random worker, weighted by its speed."""
 
     name = "lottery"
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, *args, seed: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._rng = random.Random(seed)
 
-    def select(self, workers: Sequence[WorkerInfo], model: str) -> WorkerInfo | None:
-        weighted = [w for w in workers if w.speed > 0]
-        if not weighted:
-            return None
-        return self._rng.choices(weighted, weights=[w.speed for w in weighted])[0]
+    def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
+        weights = [max(w.speed, 0) for w in workers]
+        if not any(weights):
+            return self._round_robin(workers, request.model)
+        return self._rng.choices(workers, weights=weights)[0]
 
 
-_POLICIES = {
+_POLICIES: dict[str, type[RoutingPolicy]] = {
     "least_load": LeastLoad,
     "round_robin": RoundRobin,
+    "prefix_aware": PrefixAware,
     "lottery": Lottery,
     "shortest_queue": LeastLoad,  # FastChat's name for queue-length dispatch
 }
-DISPATCH_METHODS = tuple(_POLICIES)
+ROUTING_POLICIES = tuple(_POLICIES)
 
 
-def make_policy(method: str) -> DispatchPolicy:
-    try:
-        return _POLICIES[method]()
-    except KeyError:
+def check_policy_name(name: str) -> str:
+    if name not in _POLICIES:
         raise ValueError(
-            f"unknown dispatch method {method!r}; choose one of {', '.join(DISPATCH_METHODS)}"
-        ) from None
+            f"unknown routing policy {name!r}; choose one of {', '.join(ROUTING_POLICIES)}"
+        )
+    return name
+
+
+def make_policy(name: str, load: LoadMeasure = reported_load) -> RoutingPolicy:
+    return _POLICIES[check_policy_name(name)](load=load)

@@ -42,6 +42,13 @@ class ControllerMetrics:
             ["model", "result"],
             registry=self.registry,
         )
+        self.prefix_routes = Counter(
+            "pagedserve_controller_prefix_routes_total",
+            "Routed requests with a prompt, by whether the chosen worker was expected to hold "
+            "some of its prefix in cache (hit) or not (miss).",
+            ["model", "result"],
+            registry=self.registry,
+        )
         self.removals = Counter(
             "pagedserve_controller_removed_workers_total",
             "Workers removed from the registry, by reason.",

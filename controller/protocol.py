@@ -138,6 +138,9 @@ class ModelRequest(_Wire):
     """Body of /get_worker_address (and the `model` field of generate params)."""
 
     model: str = Field(min_length=1)
+    # pagedserve additions: what prefix-aware routing and sticky sessions go by.
+    prompt: str | None = None
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ListModelsResponse(_Wire):

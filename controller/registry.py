@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from pagedserve.controller.config import ControllerConfig
-from pagedserve.controller.dispatch import DispatchPolicy
+from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.protocol import (
     HeartbeatRequest,
@@ -39,7 +39,7 @@ class Controller:
         self,
         config: ControllerConfig,
         store: WorkerStore,
-        policy: DispatchPolicy,
+        policy: RoutingPolicy,
         client: httpx.AsyncClient,
         metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,
@@ -168,30 +168,36 @@ class Controller:
     # -- dispatch ---------------------------------------------------------------------------
 
     async def select(
-        self, model: str, exclude: set[str] | frozenset[str] = frozenset()
-    ) -> WorkerInfo | None:
+        self, request: RouteRequest, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> Route | None:
+        model = request.model
         candidates = [
             w
             for w in await self.store.list()
             if model in w.model_names and w.accepting and w.worker_name not in exclude
         ]
-        chosen = self.policy.select(candidates, model)
-        if chosen is None:
+        route = self.policy.select(candidates, request)
+        if route is None:
             self.metrics.dispatches.labels(model, "no_worker").inc()
             return None
-        await self.store.incr_dispatched(chosen.worker_name)
+        await self.store.incr_dispatched(route.worker.worker_name)
         self.metrics.dispatches.labels(model, "ok").inc()
-        return chosen
+        if request.prompt is not None:
+            self.metrics.prefix_routes.labels(model, "hit" if route.cached_tokens else "miss").inc()
+        return route
 
     async def open_stream(self, model: str, params: dict[str, Any]) -> httpx.Response | None:
         """Open /worker_generate_stream on a worker of `model`; on a connection failure (before
         any byte was sent) try the next worker. None when no worker serves the model."""
         tried: set[str] = set()
         last_error: Exception | None = None
+        prompt = params.get("prompt")
+        request = RouteRequest(model, prompt if isinstance(prompt, str) else None)
         for _ in range(8):  # bounded: a model rarely has more replicas than this to try
-            worker = await self.select(model, exclude=tried)
-            if worker is None:
+            route = await self.select(request, exclude=tried)
+            if route is None:
                 break
+            worker = route.worker
             tried.add(worker.worker_name)
             request = self.client.build_request(
                 "POST",

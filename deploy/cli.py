@@ -10,6 +10,12 @@ import typer
 
 from pagedserve.deploy.engine_options import engine_options
 
+# The same policies for the gateway and the controller (pagedserve/controller/dispatch.py).
+ROUTING_POLICY_HELP = (
+    "Which worker gets a request: least_load (queue and KV use), round_robin, or prefix_aware "
+    "(the worker likely to hold the prompt's prefix in its cache, unless it is much busier)"
+)
+
 app = typer.Typer(
     help="pagedserve: serve many LLMs at once on a paged-KV engine.", no_args_is_help=True
 )
@@ -101,8 +107,11 @@ def models_list(
 def controller(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(21001, help="Port to bind."),
-    dispatch_method: str = typer.Option(
-        "least_load", help="least_load or round_robin (FastChat's lottery, shortest_queue too)."
+    routing_policy: str = typer.Option(
+        "least_load",
+        "--routing-policy",
+        "--dispatch-method",  # FastChat's name
+        help=ROUTING_POLICY_HELP + " (FastChat's lottery and shortest_queue too).",
     ),
     heartbeat_expiration: float = typer.Option(
         30.0, help="Seconds without a heartbeat after which a worker is removed."
@@ -130,7 +139,7 @@ def controller(
         config = ControllerConfig(
             host=host,
             port=port,
-            dispatch_method=dispatch_method,
+            routing_policy=routing_policy,
             heartbeat_expiration=heartbeat_expiration,
             health_check_interval=health_check_interval,
             health_check_timeout=health_check_timeout,
@@ -375,6 +384,7 @@ def gateway(
         "need --redis-url (shared there), keys may not set max_concurrent, and "
         "--max-concurrent-requests and /metrics are per process.",
     ),
+    routing_policy: str = typer.Option("least_load", help=ROUTING_POLICY_HELP + "."),
 ) -> None:
     """Run the OpenAI-compatible API gateway in front of every model the controller knows."""
     from pagedserve.api_gateway.config import GatewayConfig
@@ -401,6 +411,7 @@ def gateway(
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
             routing_refresh_interval=routing_refresh_interval,
+            routing_policy=routing_policy,
         )
         if api_keys:
             from pagedserve.api_gateway.auth import KeyRing

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import EngineDeadError, LLMEngine, PromptType
 from pagedserve.engine.outputs import EngineStats, RequestOutput
+from pagedserve.engine.resume import Resume
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
@@ -56,13 +57,18 @@ class AsyncEngine:
         self.engine.check_health()
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        resume: Resume | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request; bad input raises before the first one."""
+        """Stream cumulative outputs of one request (with `resume`, of an answer another engine
+        began: engine/resume.py); bad input raises before the first one."""
         self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(request_id, prompt, params)
+        seq = self.engine.make_sequence(request_id, prompt, params, resume)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._to_add.append(seq)

@@ -16,6 +16,7 @@ from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from pagedserve.engine.parallel import TensorParallelError
+from pagedserve.engine.resume import Resume, replay
 from pagedserve.engine.sampler import Sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import Scheduler
@@ -27,7 +28,12 @@ PromptType = str | Seq[int] | dict
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses as given; nothing in the engine changed."""
+    """A request the engine refuses as given; nothing in the engine changed. `param` names
+    the part of the request at fault when it is not the prompt."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineDeadError(RuntimeError):
@@ -139,9 +145,14 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------------------------
     def make_sequence(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> Sequence:
-        """Validate and tokenize a request without touching engine state."""
+        """Validate and tokenize a request without touching engine state; with `resume`, the
+        sequence carries on from an answer another engine began (engine/resume.py)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams")
         if request_id in self.requests:
@@ -171,7 +182,13 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        return Sequence(request_id, text, token_ids, params, generator=generator)
+        seq = Sequence(request_id, text, token_ids, params, generator=generator)
+        if resume is not None:
+            try:
+                replay(seq, resume, self._check_stop, self.vocab_size, self.max_model_len)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="resume") from e
+        return seq
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -205,8 +222,14 @@ class LLMEngine:
         self.requests[seq.request_id] = group
         self.scheduler.add(group)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
-        self.add_sequence(self.make_sequence(request_id, prompt, params))
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        resume: Resume | None = None,
+    ) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params, resume))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.requests.pop(request_id, None)

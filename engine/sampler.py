@@ -122,6 +122,15 @@ def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return torch.where(is_greedy, greedy, sampled)
 
 
+def skip_draws(generator: torch.Generator, vocab_size: int, steps: int) -> None:
+    """Advance a request's generator past `steps` sampling steps, drawing what `_choose`
+    draws for its row each step (one Exp(1) row of the vocabulary's width, float32), so that
+    a resumed answer samples its next tokens as the uninterrupted one would have."""
+    row = torch.empty(vocab_size, dtype=torch.float32, device=generator.device)
+    for _ in range(steps):
+        row.exponential_(generator=generator)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logit_bias, transformers' repetition penalty (over prompt and generated tokens), then
     OpenAI's frequency and presence penalties (over generated tokens), for the rows that ask:

@@ -135,7 +135,11 @@ def test_config_parses_and_validates_flags() -> None:
 class FakeClient:
     """stream_chat yields words with a pause; model 'down' fails after its first word."""
 
-    async def stream_chat(self, model, messages, params, result=None):
+    def __init__(self) -> None:
+        self.sessions: dict[str, str | None] = {}
+
+    async def stream_chat(self, model, messages, params, result=None, session_id=None):
+        self.sessions[model] = session_id
         for i, word in enumerate(["one ", "two ", "three"]):
             await asyncio.sleep(0.01)
             if model == "down" and i == 1:
@@ -150,10 +154,12 @@ def test_one_side_failing_leaves_the_other_streaming() -> None:
     rnd.add_prompt("go")
     finished: list[tuple[int, str | None]] = []
 
+    client = FakeClient()
+
     async def run() -> int:
         updates = 0
         it = stream_sides(
-            FakeClient(), rnd.sides, ChatParams(), lambda i, s: finished.append((i, s.error))
+            client, rnd.sides, ChatParams(), lambda i, s: finished.append((i, s.error))
         )
         async for _ in it:
             updates += 1
@@ -168,6 +174,9 @@ def test_one_side_failing_leaves_the_other_streaming() -> None:
     assert down.display()[-1]["content"].startswith("⚠️ **Error:** The model 'down'")
     assert sorted(i for i, _ in finished) == [0, 1]
     assert rnd.refuse_vote() is not None
+    # each side's conversation is a session of its own, kept on one worker by the gateway
+    assert client.sessions == {"up": up.conversation_id, "down": down.conversation_id}
+    assert up.conversation_id != down.conversation_id
 
 
 def test_cancelling_the_stream_keeps_no_half_answer() -> None:

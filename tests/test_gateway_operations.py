@@ -6,6 +6,7 @@ and failures after the first byte."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from servers import (
     RedisServer,
     ServerProcess,
+    cli,
     controller_process,
     gateway_process,
     redis_or_skip,
@@ -34,6 +36,7 @@ KEYS = {
     "frank": {"key": "sk-frank-0005", "name": "frank", "rpm": 3},
 }
 CHAT = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+COMPLETION = {"model": "stub", "prompt": "hi", "max_tokens": 4}
 FAULTS_OFF = {"openai_status": 200, "first_byte_delay": 0.0, "break_after": None}
 
 
@@ -286,6 +289,80 @@ def test_the_request_id_reaches_the_worker_and_comes_back(
     )
     assert r.headers["x-request-id"] == "trace-7"
     assert "trace-7" in [cluster.control(s)["last_request_id"] for s in cluster.stubs]
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+SYSTEM = "You are a terse assistant. Answer in one short sentence, no more. " * 10
+
+
+def route_of(response: httpx.Response) -> dict[str, str]:
+    """The x-pagedserve-route header as a dict (policy, worker, cached_tokens)."""
+    return dict(part.split("=", 1) for part in response.headers["x-pagedserve-route"].split("; "))
+
+
+def test_prefix_aware_routing_follows_the_shared_prefix_and_says_so(cluster: Cluster) -> None:
+    g = cluster.gateway(routing_policy="prefix_aware")
+    routes = []
+    for question in ("What is two plus two?", "Name a colour.", "Is water wet?"):
+        body = {
+            "model": "stub",
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": question},
+            ],
+        }
+        r = httpx.post(g.url + "/v1/chat/completions", json=body, timeout=10)
+        assert r.status_code == 200
+        routes.append(route_of(r))
+    assert [r["policy"] for r in routes] == ["prefix_aware"] * 3
+    assert routes[0]["cached_tokens"] == "0"
+    assert {r["worker"] for r in routes} == {routes[0]["worker"]}  # all on the prefix's worker
+    assert all(int(r["cached_tokens"]) >= len(SYSTEM) // 4 - 16 for r in routes[1:])
+    assert metric(g.url, "pagedserve_gateway_prefix_routes_total", result="hit") == 2
+    assert metric(g.url, "pagedserve_gateway_prefix_routes_total", result="miss") == 1
+
+
+def test_a_session_stays_on_its_worker_and_other_traffic_still_spreads(cluster: Cluster) -> None:
+    g = cluster.gateway()  # least_load
+    session = {"x-session-id": "conversation-42"}
+    workers = set()
+    for _ in range(4):
+        r = httpx.post(g.url + "/v1/completions", json=COMPLETION, headers=session, timeout=10)
+        assert r.status_code == 200 and route_of(r)["policy"] == "least_load"
+        workers.add(route_of(r)["worker"])
+    assert len(workers) == 1
+    others = {
+        route_of(httpx.post(g.url + "/v1/completions", json=COMPLETION, timeout=10))["worker"]
+        for _ in range(4)
+    }
+    assert len(others) == 2  # without a session, idle workers take turns
+
+
+def test_the_controller_routes_fastchat_traffic_with_the_same_policies(
+    cluster: Cluster,
+) -> None:
+    url = cluster.controller.url + "/get_worker_address"
+    body = {"model": "stub", "prompt": SYSTEM + "first question", "session_id": "chat-1"}
+    first = httpx.post(url, json=body, timeout=5)
+    again = httpx.post(url, json={**body, "prompt": SYSTEM + "second"}, timeout=5)
+    assert first.json()["address"] and route_of(first)["policy"] == "least_load"
+    assert again.json()["address"] == first.json()["address"]  # the session sticks
+    assert int(route_of(again)["cached_tokens"]) > 0  # every policy tracks prefixes
+    plain = httpx.post(url, json={"model": "stub"}, timeout=5)  # FastChat's own body
+    assert plain.json()["address"] in {s.url for s in cluster.stubs}
+
+
+def test_an_unknown_routing_policy_is_refused_at_start(cluster: Cluster) -> None:
+    for command in ("gateway", "controller"):
+        done = subprocess.run(
+            [*cli(command), "--routing-policy", "fastest", "--port", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0
+        assert "unknown routing policy 'fastest'" in done.stderr
 
 
 # -- fail-over -----------------------------------------------------------------------------------

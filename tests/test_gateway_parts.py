@@ -21,13 +21,16 @@ from pagedserve.api_gateway.circuit_breaker import CLOSED, HALF_OPEN, OPEN, Circ
 from pagedserve.api_gateway.concurrency import ConcurrencyLimiter
 from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError
+from pagedserve.api_gateway.forwarding import Forwarded
 from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import InMemoryRateLimiter, KeyRateLimits, RedisRateLimiter
+from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
 from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import LeastOutstanding, RoutingTable
+from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.serving import CHAT, COMPLETIONS, GatewayServing
 from pagedserve.api_gateway.streaming import DONE, SSERelay
 from pagedserve.api_gateway.upstream import OpenStream
+from pagedserve.controller.dispatch import Route, RouteRequest, make_policy
 from pagedserve.controller.protocol import WorkerView
 
 
@@ -373,15 +376,21 @@ def test_routing_view_keeps_ready_pagedserve_workers_and_survives_a_controller_o
     run(scenario())
 
 
-def test_least_outstanding_prefers_idle_workers_and_rotates_ties() -> None:
+def test_least_load_over_in_flight_prefers_idle_workers_and_rotates_ties() -> None:
     workers = [WorkerView.model_validate(_worker(w, ["m"])) for w in "12"]
-    policy = LeastOutstanding()
-    picks = [policy.select(workers).worker_id for _ in range(4)]
-    assert sorted(picks) == ["1", "1", "2", "2"]  # ties alternate
-    policy.begin("1")
-    assert {policy.select(workers).worker_id for _ in range(3)} == {"2"}
-    policy.end("1")
-    assert policy.outstanding == {}
+    in_flight = InFlight()
+    policy = make_policy("least_load", load=in_flight.load)
+
+    def pick() -> str:
+        return policy.select(workers, RouteRequest("m")).worker.worker_id
+
+    assert sorted(pick() for _ in range(4)) == ["1", "1", "2", "2"]  # ties alternate
+    in_flight.begin("1")
+    assert {pick() for _ in range(3)} == {"2"}
+    in_flight.end("1")
+    assert in_flight.outstanding == {}
+    workers[1].waiting = 2  # the worker's own report counts too
+    assert {pick() for _ in range(3)} == {"1"}
 
 
 # -- parsing and limits of requests ------------------------------------------------------------
@@ -572,3 +581,116 @@ def test_transport_keeps_connections_alive_frames_bodies_and_drops_an_unfinished
             server.close()
 
     asyncio.run(scenario())
+
+
+# -- resuming a broken stream ------------------------------------------------------------------
+
+
+def _chunk(content: str | None, ids: list[int] | None, **extra: object) -> bytes:
+    choice: dict[str, object] = {"index": 0, "delta": {"content": content}}
+    if ids is not None:
+        choice["token_ids"] = ids
+    return b"data: " + json.dumps({"id": "chatcmpl-r", "choices": [choice], **extra}).encode()
+
+
+class _FakeForwarder:
+    """Hands out one resumed stream; records what it was asked."""
+
+    def __init__(self, resumed: list[bytes] | None) -> None:
+        self.resumed = resumed
+        self.calls: list[tuple[dict, set[str]]] = []
+        self.failed: list[str] = []
+        self.done_with: list[str] = []
+
+    async def forward(self, request, path, body, headers, stream, deadline, exclude=frozenset()):
+        self.calls.append((json.loads(body), set(exclude)))
+        if self.resumed is None:
+            raise GatewayError(503, "no worker", code="no_worker_available")
+        worker = WorkerView.model_validate(_worker("w2", ["m"]))
+        chunks = _relay(self.resumed).stream
+        return Forwarded(Route(worker, "least_load"), chunks, 0)
+
+    async def stream_failed(self, worker, reason: str) -> None:
+        self.failed.append(worker.worker_id)
+
+    def done(self, worker) -> None:
+        self.done_with.append(worker.worker_id)
+
+
+def _resumer(forwarder: _FakeForwarder, body: dict, wants_ids: bool = False) -> StreamResumer:
+    first = Forwarded(Route(WorkerView.model_validate(_worker("w1", ["m"])), "least_load"), None, 0)
+    return StreamResumer(
+        forwarder,  # type: ignore[arg-type]
+        RouteRequest("m"),
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {},
+        float("inf"),
+        wants_ids,
+        first,  # type: ignore[arg-type]
+    )
+
+
+def test_a_broken_stream_goes_on_on_another_worker_from_the_tokens_sent() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    first = [
+        b"data: "
+        + json.dumps(
+            {"choices": [{"index": 0, "delta": {"role": "assistant"}}], "prompt_token_ids": [1, 2]}
+        ).encode()
+        + b"\n\n"
+        + _chunk("Hel", [5, 6])
+        + b"\n\n",
+        _chunk("lo é", [7]) + b"\n\n" + _chunk("half", [8])[:20],  # a half event, then gone
+        httpx.RemoteProtocolError("peer closed"),
+    ]
+    resumed = [_chunk(" world", [9, 10]) + b"\n\n", _chunk(None, [], finish_reason="stop") + b"\n\n" + DONE]  # fmt: skip
+    forwarder = _FakeForwarder(resumed)
+    relay = _relay(first)
+    relay.resumer = _resumer(forwarder, body)
+    out = run(_drain(relay)).decode()
+    events = [json.loads(e[6:]) for e in out.split("\n\n") if e.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == "Hello é world" and out.endswith("data: [DONE]\n\n")
+    assert relay.done and relay.error is None
+    # the client did not ask for ids: none reach it
+    assert not any("token_ids" in e or "token_ids" in e["choices"][0] for e in events)
+    sent, exclude = forwarder.calls[0]
+    assert sent["resume"] == {"output_token_ids": [5, 6, 7], "sent_chars": len("Hello é")}
+    assert sent["return_token_ids"] is True and sent["messages"] == body["messages"]
+    assert exclude == {"w1"} and forwarder.failed == ["w1"] and forwarder.done_with == ["w1"]
+    assert relay.resumer.current.worker.worker_id == "w2" and relay.resumer.resumes == 1
+
+
+def test_ids_stay_when_asked_and_no_resumption_without_them_or_without_a_worker() -> None:
+    asked = _resumer(_FakeForwarder(None), {"model": "m"}, wants_ids=True)
+    block = _chunk("a", [3]) + b"\n\n"
+    assert asked.observe(block) == block and asked.token_ids == [3]
+    # a worker that never said which tokens it sent (a stub, FastChat's) is not resumed from
+    for parts, forwarder in (
+        ([_chunk("a", None) + b"\n\n", httpx.ReadError("gone")], _FakeForwarder([DONE])),
+        ([_chunk("a", [1]) + b"\n\n", httpx.ReadError("gone")], _FakeForwarder(None)),
+    ):
+        relay = _relay(parts)
+        relay.resumer = _resumer(forwarder, {"model": "m"})
+        out = run(_drain(relay))
+        assert b'"code":"upstream_error"' in out and out.endswith(DONE) and "gone" in relay.error
+        assert relay.resumer.resumes == 0
+
+
+def test_only_single_choice_streams_are_resumable_and_ids_are_asked_for_in_place() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    assert resumable(ChatCompletionRequest.model_validate(chat))
+    assert not resumable(ChatCompletionRequest.model_validate({**chat, "n": 2}))
+    assert not resumable(ChatCompletionRequest.model_validate({**chat, "stream": False}))
+    done = {"model": "m", "prompt": "hi", "stream": True}
+    assert resumable(CompletionRequest.model_validate(done))
+    assert not resumable(CompletionRequest.model_validate({**done, "best_of": 2}))
+    assert not resumable(CompletionRequest.model_validate({**done, "prompt": ["a", "b"]}))
+    assert not resumable(CompletionRequest.model_validate({**done, "echo": True}))
+    raw = b'{"model": "m", "return_token_ids": false, "prompt": "hi"}\n'
+    assert json.loads(asking_for_token_ids(raw)) == {
+        "model": "m",
+        "return_token_ids": True,
+        "prompt": "hi",
+    }

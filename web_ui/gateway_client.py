@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from pagedserve.controller.dispatch import SESSION_HEADER
+
 logger = logging.getLogger(__name__)
 
 
@@ -126,8 +128,10 @@ class GatewayClient:
         messages: list[dict[str, str]],
         params: ChatParams,
         result: StreamResult | None = None,
+        session_id: str | None = None,
     ) -> AsyncIterator[str]:
-        """Yield the answer's text as it streams; raise GatewayError on any failure."""
+        """Yield the answer's text as it streams; raise GatewayError on any failure.
+        `session_id` keeps a conversation's turns on one worker (its cached prefix)."""
         body = {
             "model": model,
             "messages": messages,
@@ -139,7 +143,10 @@ class GatewayClient:
         result = result if result is not None else StreamResult()
         started = False
         try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+            headers = {SESSION_HEADER: session_id} if session_id else None
+            async with self._http.stream(
+                "POST", "/v1/chat/completions", json=body, headers=headers
+            ) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise GatewayError(

@@ -51,6 +51,8 @@ class Side:
     streaming: bool = False
     error: str | None = None
     finish_reason: str | None = None
+    # Sent as x-session-id: the gateway keeps a conversation on the worker that has it cached.
+    conversation_id: str = field(default_factory=new_id)
 
     @property
     def answered(self) -> bool:
@@ -209,7 +211,11 @@ async def stream_sides(
         error = None
         try:
             history = [dict(m) for m in side.messages]
-            async with aclosing(client.stream_chat(side.model, history, params, result)) as it:
+            async with aclosing(
+                client.stream_chat(
+                    side.model, history, params, result, session_id=side.conversation_id
+                )
+            ) as it:
                 async for text in it:
                     queue.put_nowait((i, text, None))
         except GatewayError as e:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from pagedserve.api_gateway.protocol import (
+    REQUEST_ID_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorDetail,
@@ -170,11 +171,13 @@ def create_app(config: WorkerConfig, engine_factory: EngineFactory | None = None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, w: Worker) -> Any:
-        return await openai_response(request, w.serving()[1].completions(body))
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        return await openai_response(request, w.serving()[1].completions(body, rid))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, w: Worker) -> Any:
-        return await openai_response(request, w.serving()[1].chat(body))
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        return await openai_response(request, w.serving()[1].chat(body, rid))
 
     return app
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -39,9 +39,11 @@ from pagedserve.api_gateway.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ResumeFrom,
     SamplingFields,
     TopLogprob,
     UsageInfo,
+    completion_id,
     random_id,
 )
 from pagedserve.controller.protocol import ErrorCode
@@ -99,13 +101,20 @@ class _Job:
 
 
 class _Progress:
-    """What a stream has sent of one choice: characters, tokens (for logprobs), the end."""
+    """What a stream has sent of one choice: characters, tokens (for logprobs and token ids),
+    the end. A resumed answer starts where the client's copy of it ends."""
 
-    def __init__(self) -> None:
-        self.chars = 0
-        self.tokens = 0
-        self.started = False
+    def __init__(self, resume: ResumeFrom | None = None) -> None:
+        self.chars = resume.sent_chars if resume else 0
+        self.tokens = len(resume.output_token_ids) if resume else 0
+        self.started = resume is not None
         self.finished = False
+
+    def sent(self, c: Any) -> None:
+        """Note that the stream now holds `c`'s text and tokens."""
+        self.started = True
+        self.chars = max(self.chars, len(c.text))
+        self.tokens = len(c.token_ids)
 
 
 class OpenAIServing:
@@ -142,60 +151,80 @@ class OpenAIServing:
         )
 
     def _chunker(
-        self, response_cls: type[BaseModel], model: str, request_id: str, include_usage: bool
+        self,
+        response_cls: type[BaseModel],
+        req: SamplingFields,
+        request_id: str,
+        prompt_ids: list[int],
     ) -> Callable[..., str]:
-        """The SSE chunk maker of one stream: its id, creation time, model and fingerprint fixed."""
+        """The SSE chunk maker of one stream: its id, creation time, model and fingerprint
+        fixed; with return_token_ids the first chunk carries the prompt's token ids."""
         created = int(time.time())
         kind = response_cls.model_fields["object"].default
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        prompt_pending = req.return_token_ids
 
         def chunk(choices: list[Any], usage: UsageInfo | None = None) -> str:
+            nonlocal prompt_pending
             c = response_cls(
                 id=request_id,
                 object=kind,  # set, not defaulted: `sse` leaves unset fields out
                 created=created,
-                model=model,
+                model=req.model,
                 system_fingerprint=self.fingerprint,
                 choices=choices,
             )
             if include_usage:
                 c.usage = usage
+            if prompt_pending:
+                c.prompt_token_ids, prompt_pending = prompt_ids, False
             return sse(c)
 
         return chunk
 
     # -- /v1/completions --------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def completions(
+        self, req: CompletionRequest, request_id: str | None = None
+    ) -> CompletionResponse | AsyncIterator[str]:
+        """`request_id`: the gateway's, which names the completion (see `completion_id`)."""
         self._validate(req)
         if req.suffix:
             raise RequestError(400, "suffix is not supported", param="suffix")
         prompts = self._completion_prompts(req.prompt)
+        if len(prompts) > 1 and (req.resume or req.return_token_ids):
+            param = "resume" if req.resume else "return_token_ids"
+            raise RequestError(400, f"{param} takes a single prompt", param=param)
         jobs, streams = await self._start(req, prompts, "/v1/completions", req.logprobs)
-        request_id = random_id("cmpl")
+        completion = completion_id("cmpl", request_id)
         if req.stream:
-            return self._stream_completion(req, request_id, jobs, streams)
+            return self._stream_completion(req, completion, jobs, streams)
         outputs = await self._collect(streams)
+        echo = req.echo and req.resume is None  # a resumed answer's prompt was sent before
         choices = []
         for job, out in zip(jobs, outputs, strict=True):
-            prefix = (job.prompt_text or "") if req.echo else ""
+            prefix = (job.prompt_text or "") if echo else ""
             for c in out.outputs:
+                p = _Progress(req.resume)
                 choices.append(
                     CompletionResponseChoice(
                         index=job.choice(c.index),
-                        text=prefix + c.text,
+                        text=prefix + c.text[p.chars :],
                         logprobs=None
                         if req.logprobs is None
-                        else self._completion_logprobs(c, 0, len(prefix), req.logprobs),
+                        else self._completion_logprobs(c, 0, len(prefix) + p.chars, req.logprobs),
                         finish_reason=c.finish_reason,
+                        token_ids=c.token_ids[p.tokens :] if req.return_token_ids else None,
                     )
                 )
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(
-            id=request_id,
+            id=completion,
             model=req.model,
             system_fingerprint=self.fingerprint,
             choices=choices,
             usage=self._usage(jobs, outputs),
+            prompt_token_ids=jobs[0].prompt_ids if req.return_token_ids else None,
         )
 
     async def _stream_completion(
@@ -205,9 +234,9 @@ class OpenAIServing:
         jobs: list[_Job],
         streams: list[RequestStream],
     ) -> AsyncIterator[str]:
+        chunk = self._chunker(CompletionStreamResponse, req, request_id, jobs[0].prompt_ids)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunk = self._chunker(CompletionStreamResponse, req.model, request_id, include_usage)
-
+        wants_tokens = req.logprobs is not None or req.return_token_ids
         progress: dict[tuple[int, int], _Progress] = {}
         last: list[Any] = [None] * len(jobs)
         async with aclosing(self._guarded(streams)) as items:
@@ -217,14 +246,14 @@ class OpenAIServing:
                     continue
                 job, last[i] = jobs[i], out
                 for c in out.outputs:
-                    p = progress.setdefault((i, c.index), _Progress())
+                    p = progress.setdefault((i, c.index), _Progress(req.resume))
                     if p.finished:
                         continue
                     echo = (job.prompt_text or "") if req.echo and not p.started else ""
                     delta = echo + c.text[p.chars :]
                     new_tokens = len(c.token_ids) - p.tokens
                     finished = c.finish_reason is not None
-                    if not (delta or finished or (req.logprobs is not None and new_tokens > 0)):
+                    if not (delta or finished or (wants_tokens and new_tokens > 0)):
                         continue
                     logprobs = None
                     if req.logprobs is not None:
@@ -232,7 +261,8 @@ class OpenAIServing:
                         logprobs = self._completion_logprobs(
                             c, p.tokens, offset + len(echo), req.logprobs
                         )
-                    p.started, p.chars, p.tokens = True, len(c.text), len(c.token_ids)
+                    token_ids = c.token_ids[p.tokens :] if req.return_token_ids else None
+                    p.sent(c)
                     p.finished = finished
                     yield chunk(
                         [
@@ -241,6 +271,7 @@ class OpenAIServing:
                                 text=delta,
                                 logprobs=logprobs,
                                 finish_reason=c.finish_reason if finished else None,
+                                token_ids=token_ids,
                             )
                         ]
                     )
@@ -250,7 +281,10 @@ class OpenAIServing:
 
     # -- /v1/chat/completions ---------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str | None = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """`request_id`: the gateway's, which names the completion (see `completion_id`)."""
         self._validate(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
@@ -265,26 +299,29 @@ class OpenAIServing:
         jobs, streams = await self._start(
             req, [(prompt_ids, None)], "/v1/chat/completions", top, chat=True
         )
-        request_id = random_id("chatcmpl")
+        completion = completion_id("chatcmpl", request_id)
         if req.stream:
-            return self._stream_chat(req, request_id, jobs, streams, top)
+            return self._stream_chat(req, completion, jobs, streams, top)
         outputs = await self._collect(streams)
+        skip = _Progress(req.resume)  # what a resumed answer's client already has
         choices = [
             ChatCompletionResponseChoice(
                 index=job.choice(c.index),
-                message=AssistantMessage(content=c.text),
+                message=AssistantMessage(content=c.text[skip.chars :]),
                 logprobs=None if top is None else self._chat_logprobs(c, 0, top),
                 finish_reason=c.finish_reason,
+                token_ids=c.token_ids[skip.tokens :] if req.return_token_ids else None,
             )
             for job, out in zip(jobs, outputs, strict=True)
             for c in out.outputs
         ]
         return ChatCompletionResponse(
-            id=request_id,
+            id=completion,
             model=req.model,
             system_fingerprint=self.fingerprint,
             choices=choices,
             usage=self._usage(jobs, outputs),
+            prompt_token_ids=prompt_ids if req.return_token_ids else None,
         )
 
     async def _stream_chat(
@@ -295,10 +332,10 @@ class OpenAIServing:
         streams: list[RequestStream],
         top: int | None,
     ) -> AsyncIterator[str]:
+        chunk = self._chunker(ChatCompletionStreamResponse, req, request_id, jobs[0].prompt_ids)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunk = self._chunker(ChatCompletionStreamResponse, req.model, request_id, include_usage)
-
-        for job in jobs:  # first, the role of every choice
+        no_ids = [] if req.return_token_ids else None  # token ids of a chunk that adds none
+        for job in jobs if req.resume is None else []:  # first, the role of every choice
             for k in range(job.n):
                 yield chunk(
                     [
@@ -306,9 +343,11 @@ class OpenAIServing:
                             index=job.choice(k),
                             delta=DeltaMessage(role="assistant", content=""),
                             finish_reason=None,
+                            token_ids=no_ids,
                         )
                     ]
                 )
+        wants_tokens = top is not None or req.return_token_ids
         progress: dict[tuple[int, int], _Progress] = {}
         last: list[Any] = [None] * len(jobs)
         async with aclosing(self._guarded(streams)) as items:
@@ -318,12 +357,12 @@ class OpenAIServing:
                     continue
                 job, last[i] = jobs[i], out
                 for c in out.outputs:
-                    p = progress.setdefault((i, c.index), _Progress())
+                    p = progress.setdefault((i, c.index), _Progress(req.resume))
                     if p.finished:
                         continue
                     delta = c.text[p.chars :]
                     new_tokens = len(c.token_ids) - p.tokens
-                    if delta or (top is not None and new_tokens > 0):
+                    if delta or (wants_tokens and new_tokens > 0):
                         yield chunk(
                             [
                                 ChatCompletionResponseStreamChoice(
@@ -333,10 +372,13 @@ class OpenAIServing:
                                     if top is None
                                     else self._chat_logprobs(c, p.tokens, top),
                                     finish_reason=None,
+                                    token_ids=c.token_ids[p.tokens :]
+                                    if no_ids is not None
+                                    else None,
                                 )
                             ]
                         )
-                    p.chars, p.tokens = len(c.text), len(c.token_ids)
+                    p.sent(c)
                     if c.finish_reason is not None:
                         p.finished = True
                         yield chunk(
@@ -345,6 +387,7 @@ class OpenAIServing:
                                     index=job.choice(c.index),
                                     delta=DeltaMessage(),
                                     finish_reason=c.finish_reason,
+                                    token_ids=no_ids,
                                 )
                             ]
                         )
@@ -470,9 +513,18 @@ class OpenAIServing:
     def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
         return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
+    @staticmethod
+    def _token_logprobs(c: Any, start: int) -> Iterator[tuple[int, dict[int, float]]]:
+        """(token id, logprobs entry) from output token `start` on; a resumed answer has
+        logprobs for its new tokens only, the last len(c.logprobs) of its tokens."""
+        entries = c.logprobs or []
+        first = max(len(c.token_ids) - len(entries), 0)
+        start = max(start, first)
+        return zip(c.token_ids[start:], entries[start - first :], strict=False)
+
     def _chat_logprobs(self, c: Any, start: int, k: int) -> ChoiceLogprobs:
         content = []
-        for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        for token_id, entry in self._token_logprobs(c, start):
             text = self._token_str(token_id)
             content.append(
                 ChatCompletionTokenLogprob(
@@ -494,7 +546,7 @@ class OpenAIServing:
     def _completion_logprobs(self, c: Any, start: int, offset: int, k: int) -> CompletionLogprobs:
         # every field set explicitly: streamed chunks leave out fields that were not set
         out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        for token_id, entry in self._token_logprobs(c, start):
             text = self._token_str(token_id)
             out.tokens.append(text)
             out.token_logprobs.append(finite_logprob(entry.get(token_id)))
@@ -530,7 +582,13 @@ class OpenAIServing:
                 )
             jobs.append(_Job(p, req.n, ids, text))
             engine_jobs.append((ids, copy.deepcopy(params), f"{base}-{p}"))
-        streams = await self.requests.start_all(engine_jobs, route)
+        if req.resume is None:
+            streams = await self.requests.start_all(engine_jobs, route)
+        else:  # one prompt (completions refuse more); the engine refuses n > 1
+            from pagedserve.engine.resume import Resume
+
+            resume = Resume(req.resume.output_token_ids, req.resume.sent_chars)
+            streams = [await self.requests.start(*engine_jobs[0], route, resume=resume)]
         return jobs, streams
 
     async def _collect(self, streams: list[RequestStream]) -> list[Any]:

@@ -61,15 +61,18 @@ class EngineRequests:
     def in_flight(self) -> int:
         return len(self._active)
 
-    async def start(self, prompt: Any, params: Any, request_id: str, route: str) -> RequestStream:
-        """Add a request and wait for its first output; the engine's ValueError for bad input
-        (empty or too long prompt, ...) becomes a 400 with nothing left behind."""
-        gen = self._run(prompt, params, request_id, route, time.monotonic())
+    async def start(
+        self, prompt: Any, params: Any, request_id: str, route: str, resume: Any = None
+    ) -> RequestStream:
+        """Add a request (`resume`: see engine/resume.py) and wait for its first output; the
+        engine's ValueError for bad input (empty or too long prompt, ...) becomes a 400 with
+        nothing left behind."""
+        gen = self._run(prompt, params, request_id, route, time.monotonic(), resume)
         try:
             first = await gen.__anext__()
         except ValueError as e:
             await gen.aclose()
-            raise RequestError(400, str(e), param="prompt") from e
+            raise RequestError(400, str(e), param=getattr(e, "param", None) or "prompt") from e
         except RuntimeError as e:  # the engine is shut down or its loop failed
             await gen.aclose()
             raise RequestError(
@@ -112,7 +115,7 @@ class EngineRequests:
         await asyncio.gather(*(self._abort(rid) for rid in list(self._active)))
 
     async def _run(
-        self, prompt: Any, params: Any, request_id: str, route: str, arrival: float
+        self, prompt: Any, params: Any, request_id: str, route: str, arrival: float, resume: Any
     ) -> AsyncIterator[Any]:
         self._active.add(request_id)
         self._idle.clear()
@@ -120,7 +123,7 @@ class EngineRequests:
         first_token = False
         outcome: str | None = "aborted"
         try:
-            async for out in self.engine.generate(prompt, params, request_id):
+            async for out in self.engine.generate(prompt, params, request_id, resume):
                 if not first_token and out.outputs and out.outputs[0].token_ids:
                     first_token = True
                     self.metrics.ttft.observe(time.monotonic() - arrival)
