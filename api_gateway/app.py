@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
@@ -86,17 +86,14 @@ def _body(model: type) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-# async: FastAPI runs plain functions in a thread pool, a thread hop per request
-async def _serving(request: Request) -> GatewayServing:
+# The routes read app.state and request.state themselves: dependency injection costs a
+# FastAPI dependency solve per request.
+def _serving(request: Request) -> GatewayServing:
     return request.app.state.serving
 
 
-async def _ctx(request: Request) -> RequestContext:
+def _ctx(request: Request) -> RequestContext:
     return request.state.ctx
-
-
-Serving = Annotated[GatewayServing, Depends(_serving)]
-Ctx = Annotated[RequestContext, Depends(_ctx)]
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -119,9 +116,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = make_client(
-            config.connect_timeout,
-            max_connections=config.max_concurrent_requests + 32,
-            max_keepalive=min(config.max_concurrent_requests, 512),
+            config.connect_timeout, max_keepalive=min(config.max_concurrent_requests, 512)
         )
         limiter = make_rate_limiter(config.redis_url, config.redis_prefix + ":ratelimit")
         table = RoutingTable(
@@ -205,14 +200,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, responses=_responses(ModelList, False))
-    async def list_models(request: Request, ctx: Ctx) -> ModelList:
-        return ModelList(data=_visible(request.app.state.table.models(), ctx.key))
+    async def list_models(request: Request) -> ModelList:
+        return ModelList(data=_visible(request.app.state.table.models(), _ctx(request).key))
 
     @app.get(
         "/v1/models/{model:path}", response_model=ModelCard, responses=_responses(ModelCard, False)
     )
-    async def retrieve_model(model: str, request: Request, ctx: Ctx) -> ModelCard:
-        for card in _visible(request.app.state.table.models(), ctx.key):
+    async def retrieve_model(model: str, request: Request) -> ModelCard:
+        for card in _visible(request.app.state.table.models(), _ctx(request).key):
             if card.id == model:
                 return card
         raise GatewayError(
@@ -228,8 +223,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         responses=_responses(ChatCompletionResponse, True),
         openapi_extra=_body(ChatCompletionRequest),
     )
-    async def chat_completions(request: Request, serving: Serving) -> Response:
-        return await serving.chat(request)
+    async def chat_completions(request: Request) -> Response:
+        return await _serving(request).chat(request)
 
     @app.post(
         "/v1/completions",
@@ -237,8 +232,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         responses=_responses(CompletionResponse, True),
         openapi_extra=_body(CompletionRequest),
     )
-    async def completions(request: Request, serving: Serving) -> Response:
-        return await serving.completions(request)
+    async def completions(request: Request) -> Response:
+        return await _serving(request).completions(request)
 
     _install_openapi(app, [ChatCompletionRequest, CompletionRequest], secured=keys is not None)
     return app

@@ -90,6 +90,12 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def has_rate_limits(self) -> bool:
+        return any(k.rpm is not None or k.tpm is not None for k in self._keys.values())
+
+    def has_concurrency_limits(self) -> bool:
+        return any(k.max_concurrent is not None for k in self._keys.values())
+
     @classmethod
     def load(cls, path: str | Path) -> KeyRing:
         try:

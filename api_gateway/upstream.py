@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
+from pagedserve.api_gateway.http_pool import UpstreamClient
+
 # An error body larger than this is cut (it is only ever an error message).
 _MAX_ERROR_BODY = 64 << 10
 
@@ -85,11 +87,14 @@ async def send_once(
     deadline: float,
 ) -> Answer | OpenStream | Refusal:
     """Raises UpstreamFailure for anything another worker might do better."""
-    request = client.build_request("POST", _url(url), content=body, headers=headers)
     response: httpx.Response | None = None
     try:
         with anyio.fail_after(_remaining(first_byte_deadline if stream else deadline)):
-            response = await client.send(request, stream=True)
+            if isinstance(client, UpstreamClient):  # the gateway's own: straight to the worker
+                response = await client.send_direct(_url(url), body, headers)
+            else:
+                request = client.build_request("POST", _url(url), content=body, headers=headers)
+                response = await client.send(request, stream=True)
             if response.status_code >= 400:
                 error = await _error_body(response)
                 await response.aclose()

@@ -1,16 +1,29 @@
 """Gateway overhead: the latency a request gains by going through the gateway, against going
 straight to the worker, and against FastChat's openai_api_server in front of the same worker.
 
-    python -m benchmarks.gateway [--streams 64] [--rounds 4] [--per-stream 4] [--max-tokens 16]
-                                 [--no-fastchat] [--no-pin] [--json out.json]
+    python -m benchmarks.gateway [--phases stream,c1,c64] [--streams 64] [--rounds 4]
+                                 [--per-stream 4] [--max-tokens 16] [--c1-requests 300]
+                                 [--concurrency 64] [--c64-requests 4000] [--c64-seconds 8]
+                                 [--gateway-workers 1] [--upstream stub] [--no-fastchat]
+                                 [--no-pin] [--json out.json]
 
-Starts a controller and one tiny-model worker, the gateway, and FastChat 0.2.36's
-openai_api_server (in a virtual environment of its own, from its lock: benchmarks/peers.py;
---no-fastchat leaves it out). Each round keeps --streams streaming /v1/completions requests
-in flight down each path in turn (same prompts, greedy, so every path does the same work), paths
-interleaved round by round so that drift hits them alike. The worker gets CPU 0 to itself and
-the proxies share the others (--no-pin: no placement). Prints, per path, p50/p99 of request
-latency (until data: [DONE]) and of time to first byte, and what each adds to the direct path.
+Starts a controller and one tiny-model worker (or, with --upstream stub, an emulated one), the
+gateway, and FastChat 0.2.36's openai_api_server (in a virtual environment of its own, from its
+lock: benchmarks/peers.py; --no-fastchat leaves it out), all on loopback. Then, per --phases:
+
+- stream: each round keeps --streams streaming /v1/completions requests in flight down each path
+  in turn (same prompts, greedy, so every path does the same work), paths interleaved round by
+  round so that drift hits them alike. Per path: p50/p99 of request latency (until
+  data: [DONE]) and of time to first byte, and what each adds to the direct path.
+- c1: one non-streaming request at a time, --c1-requests per path, the paths taking turns
+  request by request: the p50 each proxy adds to the direct path (the direct path is the floor).
+- c64: --concurrency non-streaming requests kept in flight (closed loop) down each path, for at
+  most --c64-requests requests or --c64-seconds per round: requests per second. The direct
+  path is the ceiling a proxy in front of this worker can reach on this machine.
+
+The non-streaming phases use a minimal keep-alive HTTP/1.1 client instead of httpx, so that the
+load generator, which shares CPUs with the proxies, costs as little as it can. The worker gets
+CPU 0 to itself and the proxies and the client share the others (--no-pin: no placement).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -27,7 +41,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request  # module level: the stub's routes name them in annotations
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from benchmarks.common import (
     Service,
@@ -58,12 +72,159 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[f
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """CPU time a process has used so far (Linux /proc; 0 elsewhere or for no process)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    """CPU time a process and its descendants have used so far (Linux /proc; 0 elsewhere or for
+    no process): `gateway --workers N` serves from N child processes."""
+    if pid is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_own_cpu_seconds(p) for p in [pid, *descendants(pid)])
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name (state is [0], ppid [1])."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren... of `pid` now (Linux /proc; none elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(entry.name))
+        if fields:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out.extend(children)
+        todo.extend(children)
+    return out
+
+
+# -- non-streaming phases: a minimal HTTP/1.1 client ------------------------------------------
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection that POSTs one fixed request and reads whole answers
+    (Content-Length or chunked). A few microseconds a request, where httpx takes hundreds: the
+    client shares its CPUs with the proxies it measures."""
+
+    def __init__(self, url: str, path: str, body: bytes) -> None:
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self) -> bytes:
+        """The answer's body; RuntimeError unless it is a 200."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
+        assert self.reader is not None
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(
+            (k.strip().lower(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines if ln)
+        )
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
+                body += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readuntil(b"\r\n")
+        else:
+            raise RuntimeError(f"{self.host}:{self.port}: no Content-Length in {head!r}")
+        if status_line.split()[1] != "200":
+            raise RuntimeError(f"{self.host}:{self.port} answered {status_line}: {body[:300]!r}")
+        if headers.get("connection") == "close":
+            self.close()
+        return body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _plain_body(i: int, args) -> bytes:
+    body = {"model": "bench", "prompt": f"Request {i}: tell me about the number {i}",
+            "max_tokens": args.max_tokens, "temperature": 0}  # fmt: skip
+    return json.dumps(body).encode()
+
+
+async def one_at_a_time(paths: dict[str, str], args) -> dict[str, list[float]]:
+    """Seconds per non-streaming request, one request in flight at a time, the paths taking
+    turns request by request so that drift hits them alike."""
+    conns = {name: RawConnection(url, "/v1/completions", _plain_body(0, args))
+             for name, url in paths.items()}  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(20):  # warm up connections and code paths
+            for conn in conns.values():
+                await conn.post()
+        for _ in range(args.c1_requests):
+            for name, conn in conns.items():
+                start = time.perf_counter()
+                await conn.post()
+                samples[name].append(time.perf_counter() - start)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return samples
+
+
+async def closed_loop(url: str, args) -> tuple[int, float]:
+    """(requests answered, seconds): --concurrency clients, each sending its next request as
+    its last answer arrives, until --c64-requests are answered or --c64-seconds have passed."""
+    conns = [RawConnection(url, "/v1/completions", _plain_body(i, args))
+             for i in range(args.concurrency)]  # fmt: skip
+    sent = done = 0
+    try:
+        await asyncio.gather(*(c.post() for c in conns))  # connect and warm up
+        start = time.perf_counter()
+        stop_at = start + args.c64_seconds
+
+        async def client(conn: RawConnection) -> None:
+            nonlocal sent, done
+            while sent < args.c64_requests and time.perf_counter() < stop_at:
+                sent += 1
+                await conn.post()
+                done += 1
+
+        await asyncio.gather(*(client(c) for c in conns))
+        return done, time.perf_counter() - start
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+async def throughput_rounds(
+    paths: dict[str, str], proxies: dict[str, int | None], args
+) -> dict[str, dict[str, float]]:
+    """Per path: requests, seconds and proxy CPU seconds over --rounds rounds, paths
+    interleaved (the order reversed every other round)."""
+    totals = {name: {"requests": 0, "seconds": 0.0, "cpu": 0.0} for name in paths}
+    for round_ in range(args.rounds):
+        order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
+        for name in order:
+            before = cpu_seconds(proxies[name])
+            count, seconds = await closed_loop(paths[name], args)
+            t = totals[name]
+            t["requests"] += count
+            t["seconds"] += seconds
+            t["cpu"] += cpu_seconds(proxies[name]) - before
+        print(f"c={args.concurrency} round {round_ + 1}/{args.rounds} done", flush=True)
+    return totals
 
 
 async def run_rounds(
@@ -106,27 +267,51 @@ def pin(services: list[Service], worker: Service) -> str:
         return "not pinned (fewer than 2 CPUs)"
     rest = set(cpus[1:])
     for s in services:
-        os.sched_setaffinity(s.proc.pid, {cpus[0]} if s is worker else rest)
+        for pid in [s.proc.pid, *descendants(s.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, {cpus[0]} if s is worker else rest)
     os.sched_setaffinity(0, rest)
     return f"worker on CPU {cpus[0]}, proxies and client on CPUs {sorted(rest)}"
+
+
+DIRECT, GATEWAY, FASTCHAT = "direct to the worker", "pagedserve gateway", "FastChat"
+PHASES = ("stream", "c1", "c64")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"Comma-separated, of {', '.join(PHASES)}."
+    )
     parser.add_argument("--streams", type=int, default=64, help="Concurrent streams per round.")
     parser.add_argument("--rounds", type=int, default=4, help="Rounds per path.")
     parser.add_argument(
         "--per-stream", type=int, default=4, help="Requests each stream sends per round."
+    )
+    parser.add_argument(
+        "--c1-requests", type=int, default=300, help="c1: requests per path, one at a time."
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="c64: non-streaming requests in flight."
+    )
+    parser.add_argument(
+        "--c64-requests", type=int, default=4000, help="c64: most requests per path and round."
+    )
+    parser.add_argument(
+        "--c64-seconds", type=float, default=8.0, help="c64: most seconds per path and round."
+    )
+    parser.add_argument(
+        "--gateway-workers", type=int, default=1, help="Gateway processes (`--workers N`)."
     )
     parser.add_argument("--no-pin", action="store_true", help="Leave CPU placement to the OS.")
     parser.add_argument(
         "--upstream",
         choices=["worker", "stub"],
         default="worker",
-        help="worker: a tiny-model worker; stub: an emulated one (fixed pace, no engine), "
-        "which isolates what the proxies add.",
+        help="worker: a tiny-model worker; stub: an emulated one (fixed pace, no engine; "
+        "non-streaming answers at once), which isolates what the proxies add.",
     )
     parser.add_argument(
         "--interval", type=float, default=0.02, help="Seconds between the stub's tokens."
@@ -138,8 +323,13 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="Write the results here.")
     args = parser.parse_args()
-    if min(args.streams, args.rounds, args.per_stream, args.max_tokens) < 1:
-        parser.error("--streams, --rounds, --per-stream and --max-tokens must be >= 1")
+    phases = [p for p in args.phases.split(",") if p]
+    if not phases or set(phases) - set(PHASES):
+        parser.error(f"--phases takes a comma-separated list of {', '.join(PHASES)}")
+    counts = (args.streams, args.rounds, args.per_stream, args.max_tokens, args.c1_requests,
+              args.concurrency, args.c64_requests, args.gateway_workers)  # fmt: skip
+    if min(counts) < 1 or args.c64_seconds <= 0:
+        parser.error("counts must be >= 1 and --c64-seconds > 0")
 
     work = Path(tempfile.mkdtemp(prefix="pagedserve-gateway-bench-"))
     model = args.model
@@ -148,6 +338,7 @@ def main() -> None:
 
         model = build_model("llama", "tiny", work / "model", seed=0)
     services: list[Service] = []
+    stream = c1 = c64 = None
     try:
         print("starting controller, worker, gateway" + ("" if args.no_fastchat else ", FastChat"))
         ctl_port = free_port()
@@ -174,16 +365,14 @@ def main() -> None:
                 raise TimeoutError("the worker did not register")
             time.sleep(0.1)
         port = free_port()
+        workers = ["--workers", str(args.gateway_workers)] if args.gateway_workers > 1 else []
         gateway = Service("gateway", pagedserve(
             "gateway", "--port", str(port), "--controller-address", controller.url,
-            "--max-concurrent-requests", str(4 * args.streams),
+            "--max-concurrent-requests", str(4 * max(args.streams, args.concurrency)), *workers,
         ), port, "/v1/models", work)  # fmt: skip
         services.append(gateway)
-        paths = {"direct to the worker": worker.url, "pagedserve gateway": gateway.url}
-        proxies: dict[str, int | None] = {
-            "direct to the worker": None,
-            "pagedserve gateway": gateway.proc.pid,
-        }
+        paths = {DIRECT: worker.url, GATEWAY: gateway.url}
+        proxies: dict[str, int | None] = {DIRECT: None, GATEWAY: gateway.proc.pid}
         if not args.no_fastchat:
             port = free_port()
             fastchat = Service("fastchat", [
@@ -191,20 +380,46 @@ def main() -> None:
                 "127.0.0.1", "--port", str(port), "--controller-address", controller.url,
             ], port, "/v1/models", work, env={"LOGDIR": str(work)})  # fmt: skip
             services.append(fastchat)
-            paths["FastChat openai_api_server"] = fastchat.url
-            proxies["FastChat openai_api_server"] = fastchat.proc.pid
+            paths[FASTCHAT] = fastchat.url
+            proxies[FASTCHAT] = fastchat.proc.pid
         placement = "not pinned" if args.no_pin else pin(services, worker)
-        print(f"{args.rounds} rounds of {args.streams} concurrent streams per path; {placement}")
-        samples, cpu = asyncio.run(run_rounds(paths, proxies, args))
+        print(f"phases {', '.join(phases)}; {placement}")
+        if "stream" in phases:
+            print(f"stream: {args.rounds} rounds of {args.streams} concurrent streams per path")
+            stream = asyncio.run(run_rounds(paths, proxies, args))
+        if "c1" in phases:
+            print(f"c1: {args.c1_requests} non-streaming requests per path, one at a time")
+            c1 = asyncio.run(one_at_a_time(paths, args))
+        if "c64" in phases:
+            print(f"c{args.concurrency}: {args.rounds} rounds per path of at most "
+                  f"{args.c64_requests} requests or {args.c64_seconds:g} s")  # fmt: skip
+            c64 = asyncio.run(throughput_rounds(paths, proxies, args))
     finally:
         for s in reversed(services):
             s.stop()
 
-    direct = samples["direct to the worker"]
-    base = {
-        "p50_ms": percentile([t for _, t in direct], 50) * 1000,
-        "p99_ms": percentile([t for _, t in direct], 99) * 1000,
-    }
+    results: dict[str, dict] = {}
+    if stream is not None:
+        results["stream"] = report_stream(*stream)
+    if c1 is not None:
+        results["c1"] = report_c1(c1)
+    if c64 is not None:
+        results[f"c{args.concurrency}"] = report_throughput(c64, args.concurrency)
+    write_json(
+        args.json,
+        {
+            "benchmark": "gateway",
+            "command": " ".join(["python -m benchmarks.gateway", *sys.argv[1:]]),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "placement": placement,
+            "results": results,
+        },
+    )
+
+
+def report_stream(samples: dict[str, list[tuple[float, float]]], cpu: dict[str, float]) -> dict:
+    direct = [t for _, t in samples[DIRECT]]
+    base = {"p50_ms": percentile(direct, 50) * 1000, "p99_ms": percentile(direct, 99) * 1000}
     results = {}
     for name, values in samples.items():
         total, first = [t for _, t in values], [f for f, _ in values]
@@ -227,25 +442,59 @@ def main() -> None:
          f"{r['proxy_cpu_ms_per_request']:.2f}")
         for name, r in results.items()
     ]  # fmt: skip
-    print()
+    print("\nstreaming, closed loop:")
     print_table(rows, ("path", "requests", "p50 ms", "p99 ms", "added p50", "added p99",
                        "TTFB p50", "TTFB p99", "proxy CPU ms/req"))  # fmt: skip
-    fastchat_added = results.get("FastChat openai_api_server", {}).get("added_p50_ms")
-    gateway_added = results["pagedserve gateway"]["added_p50_ms"]
-    if fastchat_added:
+    if FASTCHAT in results:
         print(
-            f"\ngateway adds {gateway_added:.1f} ms at p50; FastChat adds {fastchat_added:.1f} ms"
+            f"gateway adds {results[GATEWAY]['added_p50_ms']:.1f} ms at p50; "
+            f"FastChat adds {results[FASTCHAT]['added_p50_ms']:.1f} ms"
         )
-    write_json(
-        args.json,
-        {
-            "benchmark": "gateway",
-            "command": " ".join(["python -m benchmarks.gateway", *sys.argv[1:]]),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "placement": placement,
-            "results": results,
-        },
-    )
+    return results
+
+
+def report_c1(samples: dict[str, list[float]]) -> dict:
+    base = percentile(samples[DIRECT], 50) * 1000
+    results = {}
+    for name, values in samples.items():
+        p50 = percentile(values, 50) * 1000
+        results[name] = {
+            "requests": len(values),
+            "p50_ms": p50,
+            "p99_ms": percentile(values, 99) * 1000,
+            "added_p50_ms": p50 - base,
+        }
+    rows = [(name, r["requests"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+             f"{r['added_p50_ms']:+.2f}") for name, r in results.items()]  # fmt: skip
+    print("\none non-streaming request at a time (the direct path is the floor):")
+    print_table(rows, ("path", "requests", "p50 ms", "p99 ms", "added p50 ms"))
+    return results
+
+
+def report_throughput(totals: dict[str, dict[str, float]], concurrency: int) -> dict:
+    results = {}
+    for name, t in totals.items():
+        results[name] = {
+            "requests": int(t["requests"]),
+            "seconds": t["seconds"],
+            "requests_per_s": t["requests"] / t["seconds"],
+            "proxy_cpu_ms_per_request": t["cpu"] * 1000 / max(1, t["requests"]),
+        }
+    ceiling = results[DIRECT]["requests_per_s"]
+    rows = []
+    for name, r in results.items():
+        vs_fastchat = (
+            f"{r['requests_per_s'] / results[FASTCHAT]['requests_per_s']:.2f}x"
+            if FASTCHAT in results
+            else "-"
+        )
+        rows.append((name, r["requests"], f"{r['requests_per_s']:.0f}",
+                     f"{r['requests_per_s'] / ceiling:.0%}", vs_fastchat,
+                     "-" if name == DIRECT else f"{r['proxy_cpu_ms_per_request']:.2f}"))  # fmt: skip
+    print(f"\n{concurrency} non-streaming requests in flight (the direct path is the ceiling):")
+    print_table(rows, ("path", "requests", "req/s", "of ceiling", "vs FastChat",
+                       "proxy CPU ms/req"))  # fmt: skip
+    return results
 
 
 # -- an emulated worker: the same answers on every path, at a fixed pace, no engine ------------
@@ -255,7 +504,6 @@ def stub_worker(argv: list[str]) -> None:
     """`python -m benchmarks.gateway stub-worker --port P --controller URL`: answers pagedserve's
     /v1/completions (SSE) and FastChat's worker protocol with --tokens tokens, one every
     --interval seconds, and registers with the controller like a pagedserve worker."""
-    import json
     import threading
     import uuid
 
@@ -295,9 +543,17 @@ def stub_worker(argv: list[str]) -> None:
     async def conv_template() -> dict:
         return {"conv": ConvTemplate(name="raw").model_dump()}
 
+    text = "".join(f" t{i}" for i in range(args.tokens))
+    usage = {"prompt_tokens": 4, "completion_tokens": args.tokens, "total_tokens": 4 + args.tokens}
+
     @app.post("/v1/completions")
-    async def completions(request: Request) -> StreamingResponse:
+    async def completions(request: Request) -> Response:
         body = await request.json()
+        if not body.get("stream"):  # at once: the non-streaming phases measure the proxies
+            answer = {"id": "cmpl-stub", "object": "text_completion", "created": 0,
+                      "model": body["model"], "choices": [{"index": 0, "text": text,
+                      "finish_reason": "length"}], "usage": usage}  # fmt: skip
+            return Response(json.dumps(answer), media_type="application/json")
 
         async def events():
             for i in range(args.tokens):
@@ -309,6 +565,11 @@ def stub_worker(argv: list[str]) -> None:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/worker_generate")
+    async def generate(request: Request) -> dict:
+        await request.json()
+        return {"text": text, "error_code": 0, "usage": usage, "finish_reason": "length"}
 
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> StreamingResponse:

@@ -378,11 +378,17 @@ def gateway(
     routing_refresh_interval: float = typer.Option(
         2.0, help="Seconds between fetches of the controller's worker list."
     ),
+    workers: int = typer.Option(
+        1,
+        help="Gateway processes on the one port. With more than one, keys' rpm/tpm limits "
+        "need --redis-url (shared there), keys may not set max_concurrent, and "
+        "--max-concurrent-requests and /metrics are per process.",
+    ),
     routing_policy: str = typer.Option("least_load", help=ROUTING_POLICY_HELP + "."),
 ) -> None:
     """Run the OpenAI-compatible API gateway in front of every model the controller knows."""
     from pagedserve.api_gateway.config import GatewayConfig
-    from pagedserve.api_gateway.server import serve
+    from pagedserve.api_gateway.server import check_workers, serve
 
     try:
         config = GatewayConfig(
@@ -411,9 +417,10 @@ def gateway(
             from pagedserve.api_gateway.auth import KeyRing
 
             KeyRing.load(api_keys)  # refuse a bad key file before starting
+        check_workers(config, workers)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    serve(config)
+    serve(config, workers=workers)
 
 
 def main() -> None:

@@ -516,6 +516,73 @@ def test_relay_ends_at_the_total_deadline() -> None:
     assert b'"code":"timeout"' in out and out.endswith(DONE)
 
 
+def test_several_gateway_processes_need_redis_for_key_rates_and_no_key_concurrency(
+    tmp_path: Path,
+) -> None:
+    from pagedserve.api_gateway.server import check_workers
+
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text('{"key": "sk-a-0123456789", "name": "a", "rpm": 10}\n')
+    check_workers(GatewayConfig(api_keys_file=str(keys)), 1)
+    with pytest.raises(ValueError, match="--redis-url"):
+        check_workers(GatewayConfig(api_keys_file=str(keys)), 2)
+    check_workers(GatewayConfig(api_keys_file=str(keys), redis_url="redis://127.0.0.1:1/0"), 2)
+    keys.write_text('{"key": "sk-a-0123456789", "name": "a", "max_concurrent": 2}\n')
+    with pytest.raises(ValueError, match="max_concurrent"):
+        check_workers(GatewayConfig(api_keys_file=str(keys), redis_url="redis://h:1/0"), 2)
+    check_workers(GatewayConfig(), 4)  # no keys: nothing to share
+
+
+def test_transport_keeps_connections_alive_frames_bodies_and_drops_an_unfinished_one() -> None:
+    from pagedserve.api_gateway.http_pool import make_client
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345",  # left before its end
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+    ]
+    connections: list[int] = []
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                seen.append(await reader.readexactly(length))
+                writer.write(answers.pop(0))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+        client = make_client(1.0, max_keepalive=4)
+        try:
+            first = await client.send_direct(httpx.URL(url), b"a", {})
+            assert (first.status_code, await first.aread()) == (200, b"hello")
+            second = await client.send_direct(httpx.URL(url), b"bb", {})
+            assert [c async for c in second.aiter_raw()] == [b"abc", b"de"]
+            assert len(connections) == 1  # kept alive
+            third = await client.send_direct(httpx.URL(url), b"c", {})
+            assert await third.aiter_raw().__anext__() == b"12345"
+            await third.aclose()  # unfinished: this connection is dropped
+            fourth = await client.post(url, content=b"dd")  # httpx's own path, same transport
+            assert (fourth.status_code, fourth.content) == (404, b"no")
+            assert len(connections) == 2 and seen == [b"a", b"bb", b"c", b"dd"]
+            with pytest.raises(httpx.ConnectError):
+                await client.send_direct(httpx.URL(f"http://127.0.0.1:{free_port()}/"), b"", {})
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(scenario())
+
+
 # -- resuming a broken stream ------------------------------------------------------------------
 
 
