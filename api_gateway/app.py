@@ -9,6 +9,7 @@ the lifespan.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -193,6 +194,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             "status": "ok",
             "controller": "ok" if table.controller_ok else "unreachable",
             "models": len(table.model_names()),
+            "pid": os.getpid(),  # which of several gateway processes (--workers) answered
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

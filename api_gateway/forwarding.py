@@ -15,7 +15,7 @@ from pagedserve.api_gateway.circuit_breaker import CircuitBreakers
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.metrics import GatewayMetrics
 from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import InFlight, RoutingTable
+from pagedserve.api_gateway.routing import InFlight, RoutingTable, Ticket
 from pagedserve.api_gateway.upstream import (
     Answer,
     OpenStream,
@@ -24,6 +24,7 @@ from pagedserve.api_gateway.upstream import (
     send_once,
 )
 from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
+from pagedserve.controller.prefix_index import CHARS_PER_TOKEN
 from pagedserve.controller.protocol import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Forwarded:
     route: Route
     outcome: Answer | OpenStream | Refusal
     retries: int
+    ticket: Ticket | None = None  # an OpenStream's place in the in-flight count, till done()
 
     @property
     def worker(self) -> WorkerView:
@@ -74,7 +76,7 @@ class Forwarder:
         exclude: set[str] | frozenset[str] = frozenset(),
     ) -> Forwarded:
         """The first worker's answer that is not a failure. An OpenStream holds the worker in
-        the in-flight count until `done(worker)` is called."""
+        the in-flight count until `done(forwarded)` is called."""
         model = request.model
         tried = set(exclude)
         failure: UpstreamFailure | None = None
@@ -91,7 +93,11 @@ class Forwarder:
             tried.add(worker.worker_id)
             breaker = self.breakers[worker.worker_id]
             breaker.begin()
-            self.in_flight.begin(worker.worker_id)
+            ticket = self.in_flight.begin(
+                worker.worker_id,
+                _uncached_tokens(request, route),
+                request.max_tokens or DEFAULT_ANSWER_TOKENS,
+            )
             first_byte = min(deadline, time.monotonic() + self.first_token_timeout)
             try:
                 outcome = await send_once(
@@ -104,24 +110,29 @@ class Forwarder:
                     deadline=deadline,
                 )
             except UpstreamFailure as e:
-                self.in_flight.end(worker.worker_id)
+                self.in_flight.end(ticket)
                 failure = e
                 self._failed(worker, e)
                 if e.reason == "connect":
                     await self.table.refresh_soon()
                 continue
             except BaseException:  # cancelled (client gone): no verdict on the worker
-                self.in_flight.end(worker.worker_id)
+                self.in_flight.end(ticket)
                 breaker.cancel()
                 raise
             breaker.success()
             if not isinstance(outcome, OpenStream):
-                self.in_flight.end(worker.worker_id)
-            return Forwarded(route, outcome, attempt)
+                self.in_flight.end(ticket)
+            return Forwarded(route, outcome, attempt, ticket)
         raise self._exhausted(model, failure)
 
-    def done(self, worker: WorkerView) -> None:
-        self.in_flight.end(worker.worker_id)
+    def first_token(self, forwarded: Forwarded) -> None:
+        if forwarded.ticket is not None:
+            self.in_flight.first_token(forwarded.ticket)
+
+    def done(self, forwarded: Forwarded) -> None:
+        if forwarded.ticket is not None:
+            self.in_flight.end(forwarded.ticket)
 
     async def stream_failed(self, worker: WorkerView, reason: str) -> None:
         """A worker's stream broke after its first byte: count it against the worker, and look
@@ -175,3 +186,17 @@ class Forwarder:
             type="server_error",
             code="upstream_error",
         )
+
+
+# An answer's length where the request does not bound it.
+DEFAULT_ANSWER_TOKENS = 256
+
+
+def _uncached_tokens(request: RouteRequest, route: Route) -> int:
+    """The prompt tokens the worker has to prefill: all but those it probably has cached (text
+    at about 4 characters a token)."""
+    prompt = request.prompt
+    if prompt is None:
+        return 0
+    tokens = len(prompt) // CHARS_PER_TOKEN if isinstance(prompt, str) else len(prompt)
+    return max(0, tokens - route.cached_tokens)

@@ -146,7 +146,7 @@ class StreamResumer:
             )
             return None
         self.resumes += 1
-        self.forwarder.done(failed)
+        self.forwarder.done(self.current)
         self.current = forwarded
         logger.info(
             "stream resumed on %s after %d tokens (%s failed: %s)",

@@ -16,10 +16,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
 from pagedserve.api_gateway.protocol import ModelCard
+from pagedserve.controller.dispatch import DECODE_TOKEN_COST, REQUEST_TOKENS
 from pagedserve.controller.protocol import WorkerInfo, WorkersResponse, WorkerView
 
 logger = logging.getLogger(__name__)
@@ -135,22 +137,59 @@ class RoutingTable:
                     await task
 
 
+@dataclass
+class Ticket:
+    """One request in flight on a worker."""
+
+    worker_id: str
+    prefill_tokens: int  # prompt tokens it still has to prefill (0 once its first token came)
+    work: float  # all it still costs the worker, in prompt tokens: prefill, then decode
+    ended: bool = False
+
+
 class InFlight:
-    """The requests this gateway has in flight on each worker: the live part of the load that
-    its routing policy weighs (controller/dispatch.py)."""
+    """The requests this gateway has in flight on each worker, and the work they still ask of
+    it, in prompt tokens: the prompt tokens not cached there until the first token comes back,
+    and DECODE_TOKEN_COST per token of max_tokens until the end. This is the live part of the
+    load that its routing policy weighs (controller/dispatch.py).
+
+    Counting work rather than requests matters for time to first token. Requests that began
+    together tend to end together; counting requests alone sends the next ones all to the worker
+    that just emptied, to be prefilled there one after another while the other only decodes."""
 
     def __init__(self) -> None:
         self.outstanding: Counter[str] = Counter()
+        self.work: Counter[str] = Counter()
 
     def load(self, w: WorkerInfo) -> float:
-        """Ours in flight there (exact, live) plus its waiting queue at its last report (other
-        gateways' and clients' requests)."""
-        return self.outstanding[w.worker_id] + w.waiting
+        """In requests (REQUEST_TOKENS of work each): the work of ours in flight there (exact,
+        live) plus its waiting queue at its last report (other gateways' and clients')."""
+        return self.work[w.worker_id] / REQUEST_TOKENS + w.waiting
 
-    def begin(self, worker_id: str) -> None:
+    def begin(self, worker_id: str, prefill_tokens: int = 0, decode_tokens: int = 0) -> Ticket:
+        work = prefill_tokens + DECODE_TOKEN_COST * decode_tokens
         self.outstanding[worker_id] += 1
+        self.work[worker_id] += work
+        return Ticket(worker_id, prefill_tokens, work)
 
-    def end(self, worker_id: str) -> None:
-        self.outstanding[worker_id] -= 1
-        if self.outstanding[worker_id] <= 0:
-            del self.outstanding[worker_id]
+    def first_token(self, ticket: Ticket) -> None:
+        """Its prefill is done (idempotent)."""
+        self._less(ticket, ticket.prefill_tokens)
+        ticket.prefill_tokens = 0
+
+    def end(self, ticket: Ticket) -> None:
+        """It is over (idempotent)."""
+        if ticket.ended:
+            return
+        ticket.ended = True
+        self._less(ticket, ticket.work)
+        self.outstanding[ticket.worker_id] -= 1
+        if self.outstanding[ticket.worker_id] <= 0:
+            del self.outstanding[ticket.worker_id]
+
+    def _less(self, ticket: Ticket, work: float) -> None:
+        if work:
+            ticket.work -= work
+            self.work[ticket.worker_id] -= work
+            if self.work[ticket.worker_id] <= 1e-9:
+                del self.work[ticket.worker_id]

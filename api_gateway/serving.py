@@ -79,7 +79,7 @@ class Lease:
                 resumer = self.relay.resumer if self.relay is not None else None
                 current = resumer.current if resumer is not None else self.forwarded
                 await current.outcome.aclose()
-                self.serving.forwarder.done(current.worker)
+                self.serving.forwarder.done(current)
             if self.relay is not None:
                 self.serving.record_stream(self.ctx, self.relay)
             if self.admission is not None:
@@ -136,7 +136,10 @@ class GatewayServing:
             deadline = ctx.started + self.config.total_timeout
             headers = {"content-type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
             route_request = RouteRequest(
-                req.model, _route_prompt(req), request.headers.get(SESSION_HEADER)
+                req.model,
+                _route_prompt(req),
+                request.headers.get(SESSION_HEADER),
+                _output_limit(req),
             )
             sent = asking_for_token_ids(body) if resumable(req) else body
             forward = self.forwarder.forward(
@@ -294,7 +297,13 @@ class GatewayServing:
         if isinstance(outcome, OpenStream):
             ctx.ttft = time.monotonic() - ctx.started
             self.metrics.ttft.labels(endpoint.path, ctx.model or "-").observe(ctx.ttft)
-            lease.relay = SSERelay(outcome, deadline, resumer)
+            forwarder = self.forwarder
+            lease.relay = SSERelay(
+                outcome,
+                deadline,
+                resumer,
+                lambda: forwarder.first_token(resumer.current if resumer else forwarded),
+            )
             return RelayResponse(
                 lease.relay, lease.close, headers={"Cache-Control": "no-cache", **route}
             )
@@ -342,6 +351,12 @@ class GatewayServing:
         model = ctx.model or "-"
         self.metrics.prompt_tokens.labels(model).inc(ctx.prompt_tokens or 0)
         self.metrics.completion_tokens.labels(model).inc(ctx.completion_tokens or 0)
+
+
+def _output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    if isinstance(req, ChatCompletionRequest):
+        return req.output_limit
+    return req.max_tokens
 
 
 def _route_prompt(req: ChatCompletionRequest | CompletionRequest) -> str | list[int] | None:

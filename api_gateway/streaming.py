@@ -52,11 +52,19 @@ else:  # pragma: no cover - Python 3.10
 
 class SSERelay:
     def __init__(
-        self, stream: OpenStream, deadline: float, resumer: StreamResumer | None = None
+        self,
+        stream: OpenStream,
+        deadline: float,
+        resumer: StreamResumer | None = None,
+        on_first_token: Callable[[], None] | None = None,
     ) -> None:
         self.stream = stream  # the worker's stream now (another one after a resumption)
         self.deadline = deadline
         self.resumer = resumer
+        # Called when the stream's first token went through (each worker's, after a
+        # resumption): the worker's prefill is over. Where no chunk says which tokens it
+        # carries, the first bytes stand for it.
+        self.on_first_token = on_first_token
         self.events = 0
         self.usage: dict[str, Any] | None = None
         self.done = False  # the worker's [DONE] went through
@@ -65,6 +73,7 @@ class SSERelay:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = b""
         data = self.stream.first
+        prefilled = self.on_first_token is None
         while True:
             pending += data
             cut = pending.rfind(b"\n\n") + 2
@@ -73,6 +82,9 @@ class SSERelay:
                 if self.resumer is not None:
                     block = self.resumer.observe(block)
                 self._observe(block)
+                if not prefilled and (self.resumer is None or self.resumer.token_ids):
+                    prefilled = True
+                    self.on_first_token()  # type: ignore[misc]
                 yield block
             broke = None
             try:
@@ -90,6 +102,7 @@ class SSERelay:
                 if stream is not None:
                     await self.stream.aclose()
                     self.stream, pending, data = stream, b"", stream.first
+                    prefilled = self.on_first_token is None
                     continue
             self.error = self.error or broke
             break

@@ -25,14 +25,14 @@ That is the case prefix-aware routing exists for; a larger cache lets every poli
 smaller one lets none.
 
 Prints per trace and policy: requests, errors, output tok/s, requests/s, TTFT p50/p99 (to the
-first token of content) and the share of responses whose `x-pagedserve-route` header reports
-cached_tokens > 0; then the goals: on every trace prefix_aware within 5% of the best other
+first token of content), the share of responses whose `x-pagedserve-route` header reports
+cached_tokens > 0 (the router's estimate) and the share of prompt tokens the workers found in
+their prefix caches (the engines' count, from their /metrics); then the goals: on every trace prefix_aware within 5% of the best other
 policy (output tok/s and TTFT p50), and on shared_prefix at least 1.5x least_load's output tok/s
 or at most half its TTFT p50.
 
-Until the gateway and controller have --routing-policy (found by reading their --help, or forced
-off with --no-policy-flag), every stack runs the gateway's built-in policy under each name: the
-harness runs end to end, and the goals are marked as not measured.
+With --no-policy-flag every stack runs the default policy under each name (a check of the
+harness, or of the noise between identical stacks), and the goals are marked as not measured.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ MODEL = "bench"
 ROUTE_HEADER = "x-pagedserve-route"
 # Sizes of each trace: (full run, --quick). Token lengths are (low, high), uniform.
 PROFILES = {
-    "prefixes": (8, 4),
-    "users": (64, 16),
+    "prefixes": (16, 4),
+    "users": (96, 16),
     "sessions": (12, 4),
     "turns": (4, 3),
     "unique": (48, 12),
@@ -374,11 +374,31 @@ def run_policy(policy: str, model: Path, traces: dict[str, list[Chain]], work: P
         for name in TRACES:
             print(f"  {policy}: {name} ({sum(len(c.messages) for c in traces[name])} requests)"
                   " ...", flush=True)  # fmt: skip
-            results[name] = asyncio.run(run_trace(gateway.url, traces[name], args))
+            before = cache_counts(workers)
+            samples, wall = asyncio.run(run_trace(gateway.url, traces[name], args))
+            after = cache_counts(workers)
+            results[name] = (
+                samples,
+                wall,
+                tuple(b - a for a, b in zip(before, after, strict=True)),
+            )
         return results, placement
     finally:
         for s in reversed(services):
             s.stop()
+
+
+def cache_counts(workers: list[Service]) -> tuple[float, float]:
+    """Prompt tokens the workers found in their prefix caches, and looked up, so far: what the
+    routing header's cached_tokens estimates, as the engines count it."""
+    hits = queries = 0.0
+    for w in workers:
+        for line in httpx.get(w.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("pagedserve_worker_prefix_cache_hits_total "):
+                hits += float(line.split()[1])
+            elif line.startswith("pagedserve_worker_prefix_cache_queries_total "):
+                queries += float(line.split()[1])
+    return hits, queries
 
 
 def pin(workers: list[Service]) -> str:
@@ -526,9 +546,11 @@ def main() -> None:
     for policy, per_trace in runs.items():
         results[policy] = {}
         for trace, rounds in per_trace.items():
-            samples = [s for run, _ in rounds for s in run]
-            r = summarize(samples, sum(wall for _, wall in rounds))
-            r["output_tok_s_by_round"] = [summarize(*run)["output_tok_s"] for run in rounds]
+            samples = [s for run, _, _ in rounds for s in run]
+            r = summarize(samples, sum(wall for _, wall, _ in rounds))
+            r["output_tok_s_by_round"] = [summarize(s, w)["output_tok_s"] for s, w, _ in rounds]
+            hits, queries = (sum(c[i] for _, _, c in rounds) for i in (0, 1))
+            r["worker_hit_rate"] = hits / queries if queries else None
             if args.json:
                 r["samples"] = [asdict(s) for s in samples]
             results[policy][trace] = r
@@ -538,6 +560,7 @@ def main() -> None:
         (trace, policy, r["requests"], r["errors"], fmt(r["output_tok_s"], ".1f"),
          fmt(r["requests_s"], ".2f"), fmt(r["ttft_p50_ms"], ".0f"), fmt(r["ttft_p99_ms"], ".0f"),
          fmt(r["cached_share"] and r["cached_share"] * 100, ".0f"),
+         fmt(r["worker_hit_rate"] and r["worker_hit_rate"] * 100, ".0f"),
          " / ".join(str(n) for _, n in sorted(r["requests_per_worker"].items())) or "-")
         for trace in TRACES
         for policy, per_trace in results.items()
@@ -545,7 +568,8 @@ def main() -> None:
     ]  # fmt: skip
     print(f"\n{args.workers} workers ({placement}); logs in {work}; total {total:.0f} s")
     print_table(rows, ("trace", "policy", "requests", "errors", "out tok/s", "req/s",
-                       "TTFT p50 ms", "TTFT p99 ms", "cached %", "per worker"))  # fmt: skip
+                       "TTFT p50 ms", "TTFT p99 ms", "cached %", "hit %",
+                       "per worker"))  # fmt: skip
     for policy, per_trace in results.items():
         for trace, r in per_trace.items():
             if r["first_errors"]:

@@ -32,6 +32,13 @@ from pagedserve.controller.prefix_index import PrefixIndex, Prompt, block_keys
 from pagedserve.controller.protocol import WorkerInfo
 
 W = TypeVar("W", bound=WorkerInfo)
+# What one queued request weighs in prompt tokens: the exchange rate between load and cached
+# prefixes (prefix_aware), where only the number of requests is known (the controller).
+REQUEST_TOKENS = 256
+# What one generated token costs a worker, in prompt tokens of prefill (batched decode on a CPU
+# reads every weight for a handful of tokens; prefill reads them once for hundreds): how the
+# gateway, which knows each request's prompt and max_tokens, weighs the work it has sent.
+DECODE_TOKEN_COST = 4
 ROUTE_HEADER = "x-pagedserve-route"
 SESSION_HEADER = "x-session-id"
 LoadMeasure = Callable[[WorkerInfo], float]
@@ -47,6 +54,7 @@ class RouteRequest:
     model: str
     prompt: Prompt | None = None  # text or token ids; None when the caller does not say
     session_id: str | None = None
+    max_tokens: int | None = None  # the answer's bound, where the caller knows it
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class RoutingPolicy:
         self,
         load: LoadMeasure = reported_load,
         kv_weight: float = 1.0,
-        session_spill: float = 4.0,
+        session_spill: float = 2.0,
         index: PrefixIndex | None = None,
         sessions: SessionTable | None = None,
     ) -> None:
@@ -132,7 +140,7 @@ class RoutingPolicy:
         return Route(chosen, self.name, cached.get(chosen.worker_id, 0), sticky)
 
     def _sticky(self, workers: Sequence[W], request: RouteRequest) -> W | None:
-        if request.session_id is None:
+        if request.session_id is None or not self._uses_sessions(request):
             return None
         worker_id = self.sessions.get(request.session_id)
         bound = next((w for w in workers if w.worker_id == worker_id), None)
@@ -144,6 +152,9 @@ class RoutingPolicy:
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
         raise NotImplementedError
+
+    def _uses_sessions(self, request: RouteRequest) -> bool:
+        return True
 
     def _round_robin(self, workers: Sequence[W], model: str) -> W:
         """Each model's workers in turn, ordered by name so the order survives re-listing."""
@@ -181,11 +192,17 @@ class PrefixAware(RoutingPolicy):
 
     name = "prefix_aware"
 
-    def __init__(self, *args, request_tokens: float = 256.0, **kwargs) -> None:
+    def __init__(self, *args, request_tokens: float = REQUEST_TOKENS, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not request_tokens > 0:
             raise ValueError(f"request_tokens must be > 0; got {request_tokens}")
         self.request_tokens = request_tokens
+
+    def _uses_sessions(self, request: RouteRequest) -> bool:
+        """A session's previous turns are a prefix of its prompt: the index knows where they
+        are cached and what that is worth against load. The session table only stands in
+        where the prompt is not known."""
+        return request.prompt is None
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
         costs = [self.cost(w) * self.request_tokens - cached.get(w.worker_id, 0) for w in workers]

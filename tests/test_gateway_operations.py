@@ -276,6 +276,20 @@ def test_limits_in_redis_are_shared_by_two_gateways(
     assert codes == [200, 200, 200, 429, 429]  # rpm 3, whichever gateway is asked
 
 
+def test_gateway_processes_on_one_port_share_the_keys_limits_through_redis(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    options = {"api_keys": cluster.key_file, "redis_url": redis_server.url, "redis_prefix": "gw2"}
+    g = cluster.gateway(workers=2, **options)
+    codes = [
+        httpx.post(g.url + "/v1/chat/completions", json=CHAT, headers=auth("frank")).status_code
+        for _ in range(5)  # new connections: the kernel hands them to either process
+    ]
+    assert codes == [200, 200, 200, 429, 429]
+    pids = {httpx.get(g.url + "/health").json()["pid"] for _ in range(16)}
+    assert len(pids) == 2, pids  # both processes serve
+
+
 # -- request ids -------------------------------------------------------------------------------
 
 

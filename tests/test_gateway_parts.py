@@ -30,7 +30,13 @@ from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.serving import CHAT, COMPLETIONS, GatewayServing
 from pagedserve.api_gateway.streaming import DONE, SSERelay
 from pagedserve.api_gateway.upstream import OpenStream
-from pagedserve.controller.dispatch import Route, RouteRequest, make_policy
+from pagedserve.controller.dispatch import (
+    DECODE_TOKEN_COST,
+    REQUEST_TOKENS,
+    Route,
+    RouteRequest,
+    make_policy,
+)
 from pagedserve.controller.protocol import WorkerView
 
 
@@ -385,12 +391,35 @@ def test_least_load_over_in_flight_prefers_idle_workers_and_rotates_ties() -> No
         return policy.select(workers, RouteRequest("m")).worker.worker_id
 
     assert sorted(pick() for _ in range(4)) == ["1", "1", "2", "2"]  # ties alternate
-    in_flight.begin("1")
+    ticket = in_flight.begin("1", 0, 16)
     assert {pick() for _ in range(3)} == {"2"}
-    in_flight.end("1")
+    in_flight.end(ticket)
+    in_flight.end(ticket)  # idempotent
     assert in_flight.outstanding == {}
     workers[1].waiting = 2  # the worker's own report counts too
     assert {pick() for _ in range(3)} == {"1"}
+    workers[1].waiting = 0
+
+
+def test_work_still_to_prefill_and_decode_weighs_on_a_worker_until_done() -> None:
+    """Two requests decoding on worker 1, one long prompt just sent to worker 2: the next
+    request goes to 1, where its prefill does not wait behind another."""
+    workers = [WorkerView.model_validate(_worker(w, ["m"])) for w in "12"]
+    in_flight = InFlight()
+    policy = make_policy("least_load", load=in_flight.load)
+    decode = 16 * DECODE_TOKEN_COST  # 16 tokens to generate, in prompt tokens of work
+    decoding = [in_flight.begin("1", 300, 16) for _ in range(2)]
+    for t in decoding:
+        in_flight.first_token(t)
+    prefilling = in_flight.begin("2", 3 * REQUEST_TOKENS, 16)
+    assert in_flight.load(workers[0]) == 2 * decode / REQUEST_TOKENS
+    assert in_flight.load(workers[1]) == 3 + decode / REQUEST_TOKENS
+    assert policy.select(workers, RouteRequest("m")).worker.worker_id == "1"
+    in_flight.first_token(prefilling)  # its prefill is over: now 2 has the lighter load
+    assert policy.select(workers, RouteRequest("m")).worker.worker_id == "2"
+    for t in (*decoding, prefilling):
+        in_flight.end(t)
+    assert in_flight.outstanding == {} and in_flight.work == {}
 
 
 # -- parsing and limits of requests ------------------------------------------------------------
@@ -613,8 +642,8 @@ class _FakeForwarder:
     async def stream_failed(self, worker, reason: str) -> None:
         self.failed.append(worker.worker_id)
 
-    def done(self, worker) -> None:
-        self.done_with.append(worker.worker_id)
+    def done(self, forwarded) -> None:
+        self.done_with.append(forwarded.worker.worker_id)
 
 
 def _resumer(forwarder: _FakeForwarder, body: dict, wants_ids: bool = False) -> StreamResumer:
