@@ -348,7 +348,12 @@ def test_metrics_count_requests_latency_ttft_and_tokens(stack: Stack) -> None:
     for name in ("retries_total", "rate_limited_total", "requests_in_flight", "open_circuits"):
         assert f"pagedserve_gateway_{name}" in text
     health = httpx.get(stack.url + "/health").json()
-    assert health == {"status": "ok", "controller": "ok", "models": 1}
+    assert health == {
+        "status": "ok",
+        "controller": "ok",
+        "models": 1,
+        "pid": stack.gateway.proc.pid,
+    }
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -279,8 +279,10 @@ def test_limits_in_redis_are_shared_by_two_gateways(
 def test_gateway_processes_on_one_port_share_the_keys_limits_through_redis(
     cluster: Cluster, redis_server: RedisServer
 ) -> None:
-    options = {"api_keys": cluster.key_file, "redis_url": redis_server.url, "redis_prefix": "gw2"}
-    g = cluster.gateway(workers=2, **options)
+    # without carol's max_concurrent, which one process could not count for both
+    keys = cluster.log_dir / "keys-2.jsonl"
+    keys.write_text("\n".join(json.dumps(KEYS[n]) for n in ("eve", "frank")) + "\n")
+    g = cluster.gateway(workers=2, api_keys=keys, redis_url=redis_server.url, redis_prefix="gw2")
     codes = [
         httpx.post(g.url + "/v1/chat/completions", json=CHAT, headers=auth("frank")).status_code
         for _ in range(5)  # new connections: the kernel hands them to either process
