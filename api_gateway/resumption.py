@@ -77,6 +77,8 @@ class StreamResumer:
         self.token_ids: list[int] = []
         self.sent_chars = 0
         self.says_ids = False  # the worker's chunks carry token ids: it can be resumed from
+        self.finished = False  # the answer's finish_reason went through: nothing to resume
+        self._last: dict[str, Any] | None = None  # the last chunk with a choice, as a model
         self.resumes = 0
 
     # -- watching the stream ----------------------------------------------------------------
@@ -103,6 +105,8 @@ class StreamResumer:
         asked for them. True if it had any."""
         take = dict.get if self.client_wants_ids else dict.pop
         had = take(chunk, "prompt_token_ids", None) is not None
+        if chunk.get("choices"):
+            self._last = chunk
         self.says_ids |= had
         for choice in chunk.get("choices") or ():
             ids = take(choice, "token_ids", None)
@@ -113,7 +117,24 @@ class StreamResumer:
             text = delta.get("content") if delta is not None else choice.get("text")
             if text:
                 self.sent_chars += len(text)
+            if choice.get("finish_reason") is not None:
+                self.finished = True
         return had
+
+    def length_end(self) -> bytes | None:
+        """The finish chunk the worker would have sent, when its last token was max_tokens'
+        last and it went before saying so (another worker would refuse to go on from there)."""
+        limit = self.request.max_tokens
+        if self._last is None or limit is None or len(self.token_ids) < limit:
+            return None
+        chunk = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if "delta" in self._last["choices"][0]:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        chunk["choices"] = [choice]
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     # -- going on elsewhere -----------------------------------------------------------------
 

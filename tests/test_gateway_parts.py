@@ -615,11 +615,12 @@ def test_transport_keeps_connections_alive_frames_bodies_and_drops_an_unfinished
 # -- resuming a broken stream ------------------------------------------------------------------
 
 
-def _chunk(content: str | None, ids: list[int] | None, **extra: object) -> bytes:
+def _chunk(content: str | None, ids: list[int] | None, finish_reason: str | None = None) -> bytes:
     choice: dict[str, object] = {"index": 0, "delta": {"content": content}}
     if ids is not None:
         choice["token_ids"] = ids
-    return b"data: " + json.dumps({"id": "chatcmpl-r", "choices": [choice], **extra}).encode()
+    choice["finish_reason"] = finish_reason
+    return b"data: " + json.dumps({"id": "chatcmpl-r", "choices": [choice]}).encode()
 
 
 class _FakeForwarder:
@@ -723,3 +724,29 @@ def test_only_single_choice_streams_are_resumable_and_ids_are_asked_for_in_place
         "return_token_ids": True,
         "prompt": "hi",
     }
+
+
+def test_a_worker_lost_after_the_answers_end_only_misses_its_done() -> None:
+    parts = [
+        _chunk("all", [1]) + b"\n\n" + _chunk(None, [], finish_reason="stop") + b"\n\n",
+        httpx.ReadError("gone"),
+    ]
+    forwarder = _FakeForwarder([DONE])
+    relay = _relay(parts)
+    relay.resumer = _resumer(forwarder, {"model": "m"})
+    out = run(_drain(relay))
+    assert out.endswith(b"\n\n" + DONE) and b"error" not in out
+    assert relay.done and relay.error is None and forwarder.calls == []
+
+
+def test_a_worker_lost_right_after_the_last_token_of_max_tokens_gets_its_finish_chunk() -> None:
+    parts = [_chunk("a", [1]) + b"\n\n" + _chunk("b", [2]) + b"\n\n", httpx.ReadError("gone")]
+    relay = _relay(parts)
+    relay.resumer = _resumer(_FakeForwarder([DONE]), {"model": "m"})
+    relay.resumer.request = RouteRequest("m", max_tokens=2)
+    events = run(_drain(relay)).split(b"\n\n")
+    assert json.loads(events[-3][6:])["choices"] == [
+        {"index": 0, "finish_reason": "length", "delta": {}}
+    ]
+    assert events[-2:] == [b"data: [DONE]", b""] and relay.error is None
+    assert relay.resumer.resumes == 0 and json.loads(events[-3][6:])["id"] == "chatcmpl-r"
