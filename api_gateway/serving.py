@@ -3,9 +3,11 @@
 Each request goes through the same steps: take a concurrency slot; validate (body size, JSON,
 types and ranges with the protocol models the workers use, the gateway's own limits); route
 (the model's workers; a key may only see its models); admit (prompt-token limit, the key's
-RPM and TPM); forward (fail-over before the first byte); then stream or answer, and format.
-The body goes to the worker as the client sent it, so parameters the gateway does not know
-reach the worker, which decides what it can do. Whatever happens, the slot is freed and the
+RPM and TPM); forward (the routing policy picks the worker; fail-over before the first byte);
+then stream (resumed on another worker if its worker fails mid-stream: resumption.py) or
+answer, and format. The body goes to the worker as the client sent it (plus return_token_ids
+for a resumable stream), so parameters the gateway does not know reach the worker, which
+decides what it can do. Whatever happens, the slot is freed and the
 key's token use settled when the response ends.
 """
 
