@@ -122,11 +122,14 @@ class RoutingPolicy:
         sessions: SessionTable | None = None,
         exact_up_to: int = 16,
         seed: int | None = None,
+        tie_band: float = 0.1,
     ) -> None:
         """kv_weight: how many queued requests a full KV cache weighs as. session_spill: how
         many requests more than the least loaded worker a session's worker may have before the
         session moves. exact_up_to: the largest pool in which every worker is compared; above
         it two drawn at random are."""
+        if tie_band < 0:
+            raise ValueError(f"tie_band must be >= 0; got {tie_band}")
         if exact_up_to < 2:
             raise ValueError(f"exact_up_to must be >= 2; got {exact_up_to}")
         if kv_weight < 0:
@@ -140,6 +143,10 @@ class RoutingPolicy:
         self.sessions = sessions if sessions is not None else SessionTable()
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
         self.exact_up_to = exact_up_to
+        # Costs within this many requests of the best are a tie, taken in turn: a stale
+        # report's small difference (a few KV blocks) must not send every request to one
+        # worker until the next report.
+        self.tie_band = tie_band
         self._rng = random.Random(seed)
 
     def cost(self, w: WorkerInfo) -> float:
@@ -227,7 +234,7 @@ class LeastLoad(RoutingPolicy):
         sample = self._sample(workers)
         costs = [self.cost(w) for w in sample]
         best = min(costs)
-        tied = [w for w, c in zip(sample, costs, strict=True) if c - best < 1e-9]
+        tied = [w for w, c in zip(sample, costs, strict=True) if c - best <= self.tie_band]
         return self._round_robin(tied, request.model)
 
 
@@ -261,7 +268,8 @@ class PrefixAware(RoutingPolicy):
             sample = [*sample, *(w for w in found if w is not None)]
         costs = [self.cost(w) * self.request_tokens - cached.get(w.worker_id, 0) for w in sample]
         best = min(costs)
-        tied = [w for w, c in zip(sample, costs, strict=True) if c - best < 1e-6]
+        band = self.tie_band * self.request_tokens
+        tied = [w for w, c in zip(sample, costs, strict=True) if c - best <= band]
         return self._round_robin(tied, request.model)
 
 

@@ -313,3 +313,15 @@ def test_the_view_follows_register_drain_heartbeat_and_remove() -> None:
             assert await ctl.list_models() == [] and await ctl.select(RouteRequest("m")) is None
 
     asyncio.run(scenario())
+
+
+def test_idle_workers_take_turns_whatever_small_difference_a_stale_report_shows() -> None:
+    """A worker reported a few KV blocks in use a moment ago: the idle pair still alternates
+    (costs within tie_band are a tie) instead of every request going to the other one."""
+    for policy in (LeastLoad(), PrefixAware()):
+        workers = [w(1, kv_usage=0.002), w(2)]
+        assert [pick(policy, workers).worker_id for _ in range(4)] == ["1", "2", "1", "2"]
+        workers = [w(1, kv_usage=0.5), w(2)]  # a real difference still counts
+        assert {pick(policy, workers).worker_id for _ in range(4)} == {"2"}
+    with pytest.raises(ValueError, match="tie_band"):
+        LeastLoad(tie_band=-1)
