@@ -223,6 +223,7 @@ def test_sessions_stick_to_their_worker_until_it_is_gone_or_far_busier() -> None
     home.dispatched = 0
     assert pick(policy, [a, b], session_id="s1") is moved
     assert pick(policy, [home], session_id="s1") is home  # its worker gone: rebinds
+<<<<<<< HEAD
 
 
 # -- the controller's per-model view, at scale ---------------------------------------------------
@@ -325,3 +326,5 @@ def test_idle_workers_take_turns_whatever_small_difference_a_stale_report_shows(
         assert {pick(policy, workers).worker_id for _ in range(4)} == {"2"}
     with pytest.raises(ValueError, match="tie_band"):
         LeastLoad(tie_band=-1)
+=======
+>>>>>>> parent of 524008c (Merge branch 'ctlscale')
