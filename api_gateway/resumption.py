@@ -121,9 +121,13 @@ class StreamResumer:
                 self.finished = True
         return had
 
-    def length_end(self) -> bytes | None:
-        """The finish chunk the worker would have sent, when its last token was max_tokens'
-        last and it went before saying so (another worker would refuse to go on from there)."""
+    def answer_end(self) -> bytes | None:
+        """When the answer was whole before its worker went, what is left to send: nothing
+        after its finish chunk, or the finish chunk the worker would have sent after
+        max_tokens' last token. None when the answer goes on (another worker would refuse
+        to go on from a whole one)."""
+        if self.finished:
+            return b""
         limit = self.request.max_tokens
         if self._last is None or limit is None or len(self.token_ids) < limit:
             return None

@@ -143,7 +143,8 @@ class GatewayServing:
                 request.headers.get(SESSION_HEADER),
                 _output_limit(req),
             )
-            sent = asking_for_token_ids(body) if resumable(req) else body
+            can_resume = resumable(req)
+            sent = asking_for_token_ids(body) if can_resume else body
             forward = self.forwarder.forward(
                 route_request, endpoint.path, sent, headers, req.stream, deadline
             )
@@ -151,7 +152,7 @@ class GatewayServing:
             ctx.worker, ctx.retries = forwarded.worker.worker_name, forwarded.retries
             self._count_route(ctx, forwarded.route)
             resumer = None
-            if isinstance(forwarded.outcome, OpenStream) and resumable(req):
+            if isinstance(forwarded.outcome, OpenStream) and can_resume:
                 resumer = StreamResumer(
                     self.forwarder,
                     route_request,
@@ -362,16 +363,10 @@ def _output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
 
 
 def _route_prompt(req: ChatCompletionRequest | CompletionRequest) -> str | list[int] | None:
-    """What prefix-aware routing goes by: the chat's messages as text (each turn of a
-    conversation extends the previous one's), or the one prompt of a completion."""
-    if isinstance(req, ChatCompletionRequest):
-        return "".join(f"{m.role}\n{m.text()}\n" for m in req.messages)
-    prompt = req.prompt
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return prompt
-    return prompt[0] if len(prompt) == 1 else None  # a batch of prompts: no single prefix
+    """What prefix-aware routing goes by: the request's one prompt (a chat's messages as text,
+    so each turn of a conversation extends the previous one's); a batch has no single prefix."""
+    prompts = _prompts(req)
+    return prompts[0][0] if len(prompts) == 1 else None
 
 
 def _prompts(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[Any, int]]:

@@ -97,16 +97,14 @@ class SSERelay:
                 self.error = "timeout"
             except httpx.HTTPError as e:
                 broke = f"worker stream broke: {e!r}"
-            end = self.resumer.length_end() if broke and self.resumer is not None else None
-            if broke is not None and self.resumer is not None and self.resumer.finished:
-                end = b""
-            if end is not None:
-                # the worker went after the answer's last token and before [DONE]: the answer
-                # is whole (only a usage chunk, if asked for, is missing)
-                self.done = True
-                yield end + DONE
-                break
             if broke is not None and self.resumer is not None:
+                end = self.resumer.answer_end()
+                if end is not None:
+                    # the worker went after the answer's last token and before [DONE]: the
+                    # answer is whole (only a usage chunk, if asked for, is missing)
+                    self.done = True
+                    yield end + DONE
+                    break
                 stream = await self.resumer.resume(broke)
                 if stream is not None:
                     await self.stream.aclose()
