@@ -51,6 +51,19 @@ def wait_until(
         time.sleep(interval)
 
 
+def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
+    """A Prometheus metric of the server at `url`, summed over the series matching `labels`;
+    0 when absent."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics", headers=headers or {}, timeout=5).text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 class ServerProcess:
     """One server subprocess on a loopback port, its output in a log file."""
 

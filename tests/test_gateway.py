@@ -20,6 +20,7 @@ from servers import (
     ServerProcess,
     controller_process,
     gateway_process,
+    metric,
     start_all,
     wait_until,
     worker_process,
@@ -96,20 +97,6 @@ def chats_served(stack: Stack) -> list[float]:
     """Each worker's count of chat completions run."""
     route = "/v1/chat/completions"
     return [metric(w.url, "pagedserve_worker_requests_total", route=route) for w in stack.workers]
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """A metric's value (summed over the series matching `labels`); 0 when absent."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if series.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def idle(w: ServerProcess) -> bool:

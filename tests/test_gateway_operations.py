@@ -22,6 +22,7 @@ from servers import (
     cli,
     controller_process,
     gateway_process,
+    metric,
     redis_or_skip,
     start_all,
     stub_worker_process,
@@ -126,17 +127,6 @@ def keyed(cluster: Cluster) -> ServerProcess:
 def faults(cluster: Cluster) -> ServerProcess:
     """No keys, no circuit breaking (so that tests do not disturb each other), short timeouts."""
     return cluster.gateway(breaker_threshold=1000, first_token_timeout=0.5, total_timeout=1.5)
-
-
-def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(url + "/metrics", headers=headers or {}, timeout=5).text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def in_background(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:

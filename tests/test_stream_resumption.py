@@ -18,6 +18,7 @@ from servers import (
     ServerProcess,
     controller_process,
     gateway_process,
+    metric,
     start_all,
     wait_until,
     worker_process,
@@ -136,14 +137,6 @@ def run_all(url: str, on_progress=None) -> list[Stream]:
     return streams
 
 
-def gateway_metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_streams_complete_with_the_same_text_when_their_worker_is_killed(stack: Stack) -> None:
     url = stack.gateway.url
     clean = run_all(url)
@@ -185,6 +178,6 @@ def test_streams_complete_with_the_same_text_when_their_worker_is_killed(stack: 
         assert after.roles == before.roles == (1 if "messages" in after.body else 0)
         assert len(after.ids) == 1
         assert after.usage["completion_tokens"] == TOKENS and after.finish == "length"
-    assert gateway_metric(url, "pagedserve_gateway_resumed_streams_total", result="resumed") >= 1
-    assert gateway_metric(url, "pagedserve_gateway_resumed_streams_total", result="failed") == 0
+    assert metric(url, "pagedserve_gateway_resumed_streams_total", result="resumed") >= 1
+    assert metric(url, "pagedserve_gateway_resumed_streams_total", result="failed") == 0
     assert time.monotonic() - started < 150
