@@ -18,7 +18,7 @@ TORCH_SOURCE = $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),\
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--custom-compile-command "make lock"
 
-.PHONY: demo test lint format lock clean-venv
+.PHONY: demo test reliability lint format lock clean-venv
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The reliability suite's full run (tests/reliability/: more requests, longer, 1,000+ fuzz cases);
+# its ledgers land in benchmarks/reliability/ for RESULTS.md. `make test` runs a bounded subset.
+reliability: $(STAMP)
+	PAGEDSERVE_RELIABILITY=full PAGEDSERVE_RELIABILITY_REPORT=benchmarks/reliability \
+		$(VENV)/bin/pytest tests/reliability $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

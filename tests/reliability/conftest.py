@@ -1,0 +1,83 @@
+"""The reliability suite: the real stack on loopback ports, made to fail on purpose.
+
+Each test keeps a `Ledger` of what it sent, what came back whole, what was lost and the errors
+by kind, asserts that nothing was lost, and writes the ledger as JSON (to
+$PAGEDSERVE_RELIABILITY_REPORT when set, else the test's tmp folder) for benchmarks/RESULTS.md.
+
+The bounded run is part of `make test`; `make reliability` runs the full one
+(PAGEDSERVE_RELIABILITY=full: more requests, longer runs, 1,000+ fuzz cases).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+FULL = os.environ.get("PAGEDSERVE_RELIABILITY") == "full"
+
+
+def scaled(bounded: int, full: int) -> int:
+    """A count for the bounded run (`make test`) or the full one (`make reliability`)."""
+    return full if FULL else bounded
+
+
+@dataclass
+class Ledger:
+    """What one reliability scenario sent and what became of it. Thread-safe."""
+
+    scenario: str
+    sent: int = 0
+    completed: int = 0
+    lost: int = 0  # neither a whole answer nor a clear error: hung, truncated, or wrong
+    errors: Counter[str] = field(default_factory=Counter)  # clear errors, by kind
+    notes: dict[str, object] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def send(self, n: int = 1) -> None:
+        with self._lock:
+            self.sent += n
+
+    def complete(self) -> None:
+        with self._lock:
+            self.completed += 1
+
+    def error(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] += 1
+
+    def lose(self, kind: str) -> None:
+        with self._lock:
+            self.lost += 1
+            self.errors[f"lost: {kind}"] += 1
+
+    def record(self) -> dict[str, object]:
+        return {
+            "scenario": self.scenario,
+            "full": FULL,
+            "sent": self.sent,
+            "completed": self.completed,
+            "lost": self.lost,
+            "errors": dict(self.errors),
+            "seconds": round(time.monotonic() - self.started, 2),
+            **self.notes,
+        }
+
+
+@pytest.fixture
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """A ledger named after the test, written out when the test ends (pass or fail)."""
+    book = Ledger(request.node.name.removeprefix("test_"))
+    yield book
+    out = Path(os.environ.get("PAGEDSERVE_RELIABILITY_REPORT") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{book.scenario}.json").write_text(json.dumps(book.record(), indent=2) + "\n")
+    print(f"\n[reliability] {json.dumps(book.record())}")
