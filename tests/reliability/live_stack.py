@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from servers import (
 # A tiny-model worker's engine in these scenarios: a small KV cache (the 1 GiB default would
 # dominate every memory figure) and room for prompts of a few dozen tokens.
 ENGINE = {"kv_cache_memory": 32 << 20, "max_model_len": 512}
+# The controller forgets a worker whose heartbeats (every 0.5 s) stop for this long.
+EXPIRY = 3.0
 
 
 @dataclass
@@ -67,15 +70,17 @@ def stack(
     gateway: bool = True,
     engine: dict | None = None,
     worker_options: dict | None = None,
-    gateway_options: dict | None = None,
 ) -> Iterator[Stack]:
     """Workers serving `model` as "tiny"; with a controller (heartbeats every 0.5 s, expiry
-    after 3 s) and a gateway in front unless told otherwise."""
+    after EXPIRY) and a gateway in front unless told otherwise."""
     began = time.monotonic()
     ctl = None
     if controller:
-        ctl = controller_process(log_dir, heartbeat_expiration=3, health_check_interval=0.5).start()
+        ctl = controller_process(
+            log_dir, heartbeat_expiration=EXPIRY, health_check_interval=0.5
+        ).start()
     procs: list[ServerProcess] = []
+    gw: ServerProcess | None = None
     try:
         procs = [
             worker_process(
@@ -90,12 +95,9 @@ def stack(
             )
             for _ in range(workers)
         ]
-        gw = None
         if gateway:
-            assert ctl is not None
-            gw = gateway_process(
-                log_dir, ctl.url, routing_refresh_interval=0.5, **(gateway_options or {})
-            )
+            assert ctl is not None, "the gateway finds its workers through the controller"
+            gw = gateway_process(log_dir, ctl.url, routing_refresh_interval=0.5)
         start_all(*procs, *([gw] if gw else []), timeout=120)
         s = Stack(ctl, procs, gw)
         if ctl is not None:
@@ -110,7 +112,7 @@ def stack(
         s.started_in = round(time.monotonic() - began, 1)
         yield s
     finally:
-        for p in (*([gw] if gateway and gw else []), *procs):
+        for p in (*([gw] if gw else []), *procs):
             p.stop()
         if ctl is not None:
             ctl.stop()
@@ -263,7 +265,7 @@ def served_alone(url: str, bodies: list[dict], deadline: float = 60.0) -> list[s
     return texts
 
 
-def account(ledger, outcomes: list[Outcome], expected: list[str] | None = None) -> None:  # noqa: ANN001
+def account(ledger, outcomes: list[Outcome], expected: list[str | None] | None = None) -> None:  # noqa: ANN001
     """Enter every outcome in the ledger (sent already counted by the caller)."""
     for o in outcomes:
         kind, what = o.verdict(expected[o.index] if expected else None)
@@ -317,8 +319,6 @@ class Peak:
     _stop: bool = field(default=False, repr=False)
 
     def __enter__(self) -> Peak:
-        import threading
-
         def sample() -> None:
             while not self._stop:
                 with contextlib.suppress(OSError):
