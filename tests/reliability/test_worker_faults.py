@@ -67,7 +67,7 @@ def busiest(outcomes: list[Outcome]) -> str:
 # -- 1. kill -9 ---------------------------------------------------------------------------------
 
 
-def test_kill_9_a_worker_while_64_requests_stream(
+def test_kill_9_a_worker_while_its_requests_stream(
     tiny_llama: Path, tmp_path: Path, ledger: Ledger
 ) -> None:
     """Two workers serve one model behind the gateway; one is killed with -9 while its
