@@ -36,7 +36,8 @@ class GatewayConfig:
     total_timeout: float = 600.0
     # Fail-over: further workers tried when one fails before the first byte, and the share of
     # recent requests that retries may add (plus a floor per second), so that a sick cluster
-    # is not flooded with retries.
+    # is not flooded with retries (a retry after a connection failed or lost, which left no
+    # work behind, spends none: forwarding.py).
     max_retries: int = 2
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_second: float = 2.0

@@ -1,7 +1,16 @@
 """Fail-over: send a request to one of its model's workers, and to another if that one fails
-before the first byte (at most `max_retries` more, within the retry budget and the total
-timeout). 4xx answers end it at once and count as the worker being healthy; failures feed the
-worker's circuit breaker, which keeps a failing worker out of rotation for a while."""
+before the first byte (at most `max_retries` more, within the total timeout). 4xx answers end
+it at once and count as the worker being healthy; failures feed the worker's circuit breaker,
+which keeps a failing worker out of rotation for a while.
+
+A retry spends the retry budget only when the failed attempt may still be at work, or its
+worker said it is overloaded (a timeout, a 5xx): retrying those elsewhere is what multiplies
+the load on the workers left. An attempt whose connection failed or was lost before the first
+byte (a worker killed, or not yet dropped from the registry) left no work behind: its retry
+moves the request rather than doubling it, so it is never refused for want of budget (only
+`max_retries` and the circuit breakers bound it). Without this, the requests queued on a
+worker that dies, and those sent to it before the registry drops it, fail with a 502 once
+they outnumber the budget, with a healthy worker beside it."""
 
 from __future__ import annotations
 
@@ -82,7 +91,7 @@ class Forwarder:
         failure: UpstreamFailure | None = None
         self.budget.record_request()
         for attempt in range(1 + self.max_retries):
-            if attempt and (time.monotonic() >= deadline or not self.budget.try_spend()):
+            if attempt and (time.monotonic() >= deadline or not self._may_retry(failure)):
                 break
             route = self._pick(request, tried)
             if route is None:
@@ -125,6 +134,13 @@ class Forwarder:
                 self.in_flight.end(ticket)
             return Forwarded(route, outcome, attempt, ticket)
         raise self._exhausted(model, failure)
+
+    def _may_retry(self, failure: UpstreamFailure | None) -> bool:
+        """Whether this failure may be retried: free when it left no work behind (see the
+        module's doc), else as the retry budget allows."""
+        if failure is not None and failure.reason in ("connect", "broken"):
+            return True
+        return self.budget.try_spend()
 
     def first_token(self, forwarded: Forwarded) -> None:
         if forwarded.ticket is not None:

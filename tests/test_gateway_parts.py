@@ -17,11 +17,18 @@ from servers import RedisServer, free_port, redis_or_skip
 
 from pagedserve.api_gateway import rate_limit
 from pagedserve.api_gateway.auth import ApiKey, KeyRing
-from pagedserve.api_gateway.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from pagedserve.api_gateway.circuit_breaker import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    CircuitBreaker,
+    CircuitBreakers,
+)
 from pagedserve.api_gateway.concurrency import ConcurrencyLimiter
 from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError
-from pagedserve.api_gateway.forwarding import Forwarded
+from pagedserve.api_gateway.forwarding import Forwarded, Forwarder
+from pagedserve.api_gateway.metrics import GatewayMetrics
 from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import InMemoryRateLimiter, KeyRateLimits, RedisRateLimiter
 from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
@@ -29,7 +36,7 @@ from pagedserve.api_gateway.retry_budget import RetryBudget
 from pagedserve.api_gateway.routing import InFlight, RoutingTable
 from pagedserve.api_gateway.serving import CHAT, COMPLETIONS, GatewayServing
 from pagedserve.api_gateway.streaming import DONE, SSERelay
-from pagedserve.api_gateway.upstream import OpenStream
+from pagedserve.api_gateway.upstream import Answer, OpenStream
 from pagedserve.controller.dispatch import (
     DECODE_TOKEN_COST,
     REQUEST_TOKENS,
@@ -109,6 +116,59 @@ def test_retry_budget_with_no_ratio_and_no_floor_never_retries() -> None:
     budget = RetryBudget(ratio=0.0, min_per_second=0.0)
     budget.record_request()
     assert budget.try_spend() is False
+
+
+def test_a_request_its_worker_dropped_is_retried_whatever_the_budget() -> None:
+    """Connection refused (a dead worker still listed) or lost before the first byte (a worker
+    killed with the request queued): no work is left behind, so the retry elsewhere spends no
+    budget. A 503 is an overloaded worker's answer: with no budget left, it is not retried."""
+    ids = ("0", "1", "2", "3")
+    workers = {wid: WorkerView.model_validate(_worker(wid, ["m"])) for wid in ids}
+    dead, sick, live, killed = (workers[w].worker_name for w in ids)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        if url == dead:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        if url == killed:
+            raise httpx.ReadError("Connection lost", request=request)
+        if url == sick:
+            return httpx.Response(503, stream=httpx.ByteStream(b'{"error": "draining"}'))
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"ok": true}'))
+
+    class Table:
+        def __init__(self, *ids: str) -> None:
+            self.ids = ids
+
+        def workers(self, model: str) -> list[WorkerView]:
+            return [workers[w] for w in self.ids]
+
+        async def refresh_soon(self) -> None:
+            pass
+
+    class InOrder:  # the first worker not tried yet
+        def select(self, candidates: list[WorkerView], request: RouteRequest) -> Route | None:
+            return Route(candidates[0], "in_order") if candidates else None
+
+    async def forward(*ids: str) -> Forwarded:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            forwarder = Forwarder(
+                client, Table(*ids), InOrder(), InFlight(), CircuitBreakers(3, 10),  # type: ignore[arg-type]
+                RetryBudget(ratio=0.0, min_per_second=0.0), GatewayMetrics(),
+                max_retries=2, first_token_timeout=5,
+            )  # fmt: skip
+            deadline = time.monotonic() + 5
+            return await forwarder.forward(
+                RouteRequest("m"), "/v1/completions", b"{}", {}, False, deadline
+            )
+
+    for gone in ("0", "3"):
+        forwarded = run(forward(gone, "2"))
+        assert isinstance(forwarded.outcome, Answer) and forwarded.worker.worker_id == "2"
+        assert forwarded.retries == 1
+    with pytest.raises(GatewayError) as refused:
+        run(forward("1", "2"))
+    assert refused.value.status == 503
 
 
 # -- rate limiters -----------------------------------------------------------------------------

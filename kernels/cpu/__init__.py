@@ -44,6 +44,14 @@ def _cpu_tag() -> str:
     return hashlib.sha1((features or platform.processor()).encode()).hexdigest()[:10]
 
 
+def _checkout_tag(sources: Path) -> str:
+    """The folder the sources lie in, hashed. torch's builder writes the sources' absolute
+    paths into the build folder's build.ninja, so two checkouts sharing one build folder
+    (worktrees on one machine) would rebuild in turn at each start (a minute each, under one
+    lock); with one build folder per checkout each builds once."""
+    return hashlib.sha1(str(sources.resolve()).encode()).hexdigest()[:8]
+
+
 # A build takes about a minute; a build lock older than this was left by a killed build.
 STALE_BUILD_LOCK_SECONDS = 600.0
 
@@ -72,9 +80,9 @@ def _ops():
     sources = [
         str(here / name) for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")
     ]
-    name = f"pagedserve_cpu_kernels_{_cpu_tag()}"
+    name = f"pagedserve_cpu_kernels_{_cpu_tag()}_{_checkout_tag(here)}"
     remove_stale_build_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
-    logger.info("loading the CPU kernels (compiled once per machine, ~1 min)")
+    logger.info("loading the CPU kernels (compiled once per checkout and CPU, ~1 min)")
     return cpp_extension.load(
         name=name, sources=sources, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
     )
