@@ -38,7 +38,8 @@ test: $(STAMP)
 # its ledgers land in benchmarks/reliability/ for RESULTS.md. `make test` runs a bounded subset.
 reliability: $(STAMP)
 	PAGEDSERVE_RELIABILITY=full PAGEDSERVE_RELIABILITY_REPORT=benchmarks/reliability \
-		$(VENV)/bin/pytest tests/reliability $(PYTEST_ARGS)
+		$(VENV)/bin/pytest tests/reliability $(PYTEST_ARGS); status=$$?; \
+		$(PY) -m benchmarks.reliability_report benchmarks/reliability; exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
