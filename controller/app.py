@@ -74,6 +74,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
         )
         try:
             await store.ping()
+            await store.refresh_view()
             app.state.controller = Controller(
                 config, store, make_policy(config.routing_policy), client, ControllerMetrics()
             )

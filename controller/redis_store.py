@@ -6,12 +6,18 @@ Layout under `prefix`:
 Partial updates (heartbeats, health checks, dispatch counts) run as small Lua scripts that
 write only if the worker still exists, so a heartbeat racing an expiry never resurrects half
 a worker.
+
+Dispatch reads a local `WorkerIndex` (store.py says how it is kept fresh): this process's
+writes apply to it at once; `refresh_view()` reloads it from Redis in chunks of
+`_REFRESH_CHUNK` workers, so that a large registry never holds the event loop for long. A
+local write that lands while a refresh is in flight may be overwritten by the older value
+until the next refresh.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +26,11 @@ from redis.exceptions import RedisError
 
 from pagedserve.controller.protocol import WorkerInfo
 from pagedserve.controller.store import StoreError, WorkerStore, _checked
+from pagedserve.controller.worker_index import WorkerIndex
+
+_REFRESH_CHUNK = 500
+# What other replicas change between refreshes and least_load compares.
+_LOAD_FIELDS = ("queue_length", "dispatched", "running", "waiting", "kv_usage")
 
 _UPDATE_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -59,6 +70,34 @@ class RedisStore(WorkerStore):
         )
         self._update = self._redis.register_script(_UPDATE_IF_EXISTS)
         self._incr = self._redis.register_script(_INCR_IF_EXISTS)
+        self._index = WorkerIndex()
+
+    @property
+    def view(self) -> WorkerIndex:
+        return self._index
+
+    async def refresh_view(self) -> None:
+        with _store_errors(self.url):
+            names = list(await self._redis.smembers(self._names_key))
+            workers = []
+            for start in range(0, len(names), _REFRESH_CHUNK):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name in names[start : start + _REFRESH_CHUNK]:
+                        pipe.hgetall(self._key(name))
+                    raws = await pipe.execute()
+                workers.extend(_decode(raw) for raw in raws if raw)
+        self._index = WorkerIndex(workers)
+
+    async def refresh_load(self, workers: Sequence[WorkerInfo]) -> None:
+        with _store_errors(self.url):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for w in workers:
+                    pipe.hmget(self._key(w.worker_name), _LOAD_FIELDS)
+                rows = await pipe.execute()
+        for w, row in zip(workers, rows, strict=True):
+            if None not in row:
+                for name, value in zip(_LOAD_FIELDS, row, strict=True):
+                    setattr(w, name, json.loads(value))
 
     @property
     def _names_key(self) -> str:
@@ -75,6 +114,7 @@ class RedisStore(WorkerStore):
                 pipe.hset(key, mapping=_encode(info.model_dump()))
                 pipe.sadd(self._names_key, info.worker_name)
                 await pipe.execute()
+        self._index.put(info.model_copy(deep=True))
 
     async def get(self, worker_name: str) -> WorkerInfo | None:
         with _store_errors(self.url):
@@ -100,11 +140,17 @@ class RedisStore(WorkerStore):
             return await self.get(worker_name) is not None
         args = [x for kv in _encode(_checked(fields)).items() for x in kv]
         with _store_errors(self.url):
-            return bool(await self._update(keys=[self._key(worker_name)], args=args))
+            exists = bool(await self._update(keys=[self._key(worker_name)], args=args))
+        if exists:
+            self._index.update(worker_name, fields)
+        return exists
 
     async def incr_dispatched(self, worker_name: str) -> bool:
         with _store_errors(self.url):
-            return bool(await self._incr(keys=[self._key(worker_name)], args=["dispatched"]))
+            exists = bool(await self._incr(keys=[self._key(worker_name)], args=["dispatched"]))
+        if exists:
+            self._index.incr_dispatched(worker_name)
+        return exists
 
     async def remove(self, worker_name: str) -> bool:
         with _store_errors(self.url):
@@ -112,6 +158,7 @@ class RedisStore(WorkerStore):
                 pipe.delete(self._key(worker_name))
                 pipe.srem(self._names_key, worker_name)
                 deleted, _ = await pipe.execute()
+        self._index.remove(worker_name)
         return bool(deleted)
 
     async def ping(self) -> None:

@@ -2,6 +2,11 @@
 
 Routes (app.py) only parse, call one method here and format. Nothing here keeps global
 state: everything lives in the store, so several replicas sharing a Redis store agree.
+
+The request path does no work proportional to the number of workers: dispatch and
+/list_models read the store's per-model view (`store.view`, worker_index.py) without copying
+or listing it, and the policy looks at O(1) of a large pool. Only the operator's routes
+(/workers, drain, refresh) and the monitor's upkeep go over every worker.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -139,11 +144,8 @@ class Controller:
 
     async def list_models(self, multimodal: bool | None = None) -> list[str]:
         """Models with at least one worker accepting requests (FastChat lists every model)."""
-        names: set[str] = set()
-        for w in await self.store.list():
-            if w.accepting and (multimodal is None or w.multimodal == multimodal):
-                names.update(w.model_names)
-        return sorted(names)
+        await self.store.ping()  # a store that is down answers 503, as dispatch does
+        return self.store.view.models(multimodal)
 
     async def workers(self) -> list[WorkerView]:
         now = self.clock()
@@ -158,7 +160,7 @@ class Controller:
 
     async def aggregate_status(self) -> WorkerStatus | dict[str, Any]:
         """FastChat's controller-as-a-worker status: models, total speed and queue."""
-        workers = [w for w in await self.store.list() if w.accepting]
+        workers = [w for w in self.store.view.workers() if w.accepting]
         return {
             "model_names": sorted({m for w in workers for m in w.model_names}),
             "speed": sum(w.speed for w in workers),
@@ -171,11 +173,13 @@ class Controller:
         self, request: RouteRequest, exclude: set[str] | frozenset[str] = frozenset()
     ) -> Route | None:
         model = request.model
-        candidates = [
-            w
-            for w in await self.store.list()
-            if model in w.model_names and w.accepting and w.worker_name not in exclude
-        ]
+        candidates: Sequence[WorkerInfo] = self.store.view.candidates(model)
+        if exclude:  # only after a worker could not be reached (open_stream's retries)
+            candidates = [w for w in candidates if w.worker_name not in exclude]
+        if 0 < len(candidates) <= self.policy.exact_up_to:
+            # a small pool is compared exactly: with its load as the store has it now (Redis:
+            # one round trip); a large one is sampled from the view, at most one sweep old
+            await self.store.refresh_load(candidates)
         route = self.policy.select(candidates, request)
         if route is None:
             self.metrics.dispatches.labels(model, "no_worker").inc()
@@ -217,14 +221,21 @@ class Controller:
     # -- upkeep (run by the monitor) --------------------------------------------------------
 
     async def expire(self) -> list[str]:
+        """Remove the workers whose heartbeats stopped. The view is scanned without copies;
+        each worker it names is read again from the store, whose record is authoritative
+        (another replica may have had its heartbeat)."""
         deadline = self.clock() - self.config.heartbeat_expiration
-        expired = [
+        silent = [
             w.worker_name
-            for w in await self.store.list()
+            for w in self.store.view.workers()
             if w.check_heart_beat and w.last_heart_beat < deadline
         ]
-        for name in expired:
-            await self.unregister(name, reason="expired")
+        expired = []
+        for name in silent:
+            w = await self.store.get(name)
+            if w is not None and w.check_heart_beat and w.last_heart_beat < deadline:
+                await self.unregister(name, reason="expired")
+                expired.append(name)
         return expired
 
     async def health_check(self, w: WorkerInfo) -> None:
@@ -249,7 +260,7 @@ class Controller:
             await self.store.update(w.worker_name, {"health_failures": failures})
 
     async def health_check_all(self) -> None:
-        workers = await self.store.list()
+        workers = [w.model_copy() for w in self.store.view.workers()]
         await asyncio.gather(*(self.health_check(w) for w in workers))
 
     async def refresh_all(self) -> None:
