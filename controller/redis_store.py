@@ -9,15 +9,17 @@ a worker.
 
 Dispatch reads a local `WorkerIndex` (store.py says how it is kept fresh): this process's
 writes apply to it at once; `refresh_view()` reloads it from Redis in chunks of
-`_REFRESH_CHUNK` workers, so that a large registry never holds the event loop for long. A
-local write that lands while a refresh is in flight may be overwritten by the older value
-until the next refresh.
+`_REFRESH_CHUNK` workers, so that a large registry never holds the event loop for long. Local
+writes that land while a refresh is in flight are applied to the old view at once and replayed
+on the new one before it replaces the old, so none is lost to a refresh that read Redis before
+it. (A dispatch count replayed onto a record that Redis already counted it in counts twice,
+until the worker's next heartbeat resets the count.)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,9 +34,11 @@ _REFRESH_CHUNK = 500
 # What other replicas change between refreshes and least_load compares.
 _LOAD_FIELDS = ("queue_length", "dispatched", "running", "waiting", "kv_usage")
 
+# ARGV[1]: the worker_id the record must have (JSON), or "" for any; then field, value pairs.
 _UPDATE_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'worker_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
@@ -71,22 +75,36 @@ class RedisStore(WorkerStore):
         self._update = self._redis.register_script(_UPDATE_IF_EXISTS)
         self._incr = self._redis.register_script(_INCR_IF_EXISTS)
         self._index = WorkerIndex()
+        self._replay: list[Callable[[WorkerIndex], object]] | None = None  # during a refresh
 
     @property
     def view(self) -> WorkerIndex:
         return self._index
 
+    def _local(self, change: Callable[[WorkerIndex], object]) -> None:
+        """Apply a write this process made to the view (and to the one a refresh is building)."""
+        change(self._index)
+        if self._replay is not None:
+            self._replay.append(change)
+
     async def refresh_view(self) -> None:
-        with _store_errors(self.url):
-            names = list(await self._redis.smembers(self._names_key))
-            workers = []
-            for start in range(0, len(names), _REFRESH_CHUNK):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for name in names[start : start + _REFRESH_CHUNK]:
-                        pipe.hgetall(self._key(name))
-                    raws = await pipe.execute()
-                workers.extend(_decode(raw) for raw in raws if raw)
-        self._index = WorkerIndex(workers)
+        self._replay = []
+        try:
+            with _store_errors(self.url):
+                names = list(await self._redis.smembers(self._names_key))
+                workers = []
+                for start in range(0, len(names), _REFRESH_CHUNK):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for name in names[start : start + _REFRESH_CHUNK]:
+                            pipe.hgetall(self._key(name))
+                        raws = await pipe.execute()
+                    workers.extend(_decode(raw) for raw in raws if raw)
+            index = WorkerIndex(workers)
+            for change in self._replay:
+                change(index)
+            self._index = index
+        finally:
+            self._replay = None
 
     async def refresh_load(self, workers: Sequence[WorkerInfo]) -> None:
         with _store_errors(self.url):
@@ -114,7 +132,7 @@ class RedisStore(WorkerStore):
                 pipe.hset(key, mapping=_encode(info.model_dump()))
                 pipe.sadd(self._names_key, info.worker_name)
                 await pipe.execute()
-        self._index.put(info.model_copy(deep=True))
+        self._local(lambda index: index.put(info.model_copy(deep=True)))
 
     async def get(self, worker_name: str) -> WorkerInfo | None:
         with _store_errors(self.url):
@@ -135,21 +153,25 @@ class RedisStore(WorkerStore):
                 await self._redis.srem(self._names_key, *gone)
         return [_decode(raw) for raw in raws if raw]
 
-    async def update(self, worker_name: str, fields: dict[str, Any]) -> bool:
+    async def update(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
         if not fields:
-            return await self.get(worker_name) is not None
-        args = [x for kv in _encode(_checked(fields)).items() for x in kv]
+            known = await self.get(worker_name)
+            return known is not None and worker_id in (None, known.worker_id)
+        expected = "" if worker_id is None else json.dumps(worker_id)
+        args = [expected, *(x for kv in _encode(_checked(fields)).items() for x in kv)]
         with _store_errors(self.url):
             exists = bool(await self._update(keys=[self._key(worker_name)], args=args))
         if exists:
-            self._index.update(worker_name, fields)
+            self._local(lambda index: index.update(worker_name, fields))
         return exists
 
     async def incr_dispatched(self, worker_name: str) -> bool:
         with _store_errors(self.url):
             exists = bool(await self._incr(keys=[self._key(worker_name)], args=["dispatched"]))
         if exists:
-            self._index.incr_dispatched(worker_name)
+            self._local(lambda index: index.incr_dispatched(worker_name))
         return exists
 
     async def remove(self, worker_name: str) -> bool:
@@ -158,7 +180,7 @@ class RedisStore(WorkerStore):
                 pipe.delete(self._key(worker_name))
                 pipe.srem(self._names_key, worker_name)
                 deleted, _ = await pipe.execute()
-        self._index.remove(worker_name)
+        self._local(lambda index: index.remove(worker_name))
         return bool(deleted)
 
     async def ping(self) -> None:

@@ -23,6 +23,7 @@ from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.protocol import (
+    ErrorCode,
     HeartbeatRequest,
     RegisterWorkerRequest,
     WorkerInfo,
@@ -102,14 +103,9 @@ class Controller:
             ) from e
 
     async def heartbeat(self, req: HeartbeatRequest) -> bool:
-        """Record the load a worker reports; False tells it to register again."""
-        if req.worker_id is not None:
-            known = await self.store.get(req.worker_name)
-            if known is not None and known.worker_id != req.worker_id:
-                # Another process now answers at this address (a restarted worker): it must
-                # register again so that its models and id replace the old ones.
-                self.metrics.heartbeats.labels("false").inc()
-                return False
+        """Record the load a worker reports; False tells it to register again: it is unknown,
+        or another process now answers at its address (a restarted worker, whose models and id
+        must replace the old ones)."""
         fields: dict[str, Any] = {
             "queue_length": req.queue_length,
             "last_heart_beat": self.clock(),
@@ -119,10 +115,13 @@ class Controller:
             value = getattr(req, name)
             if value is not None:
                 fields[name] = value
-        exist = await self.store.update(req.worker_name, fields)
+        exist = await self.store.update(req.worker_name, fields, worker_id=req.worker_id)
         self.metrics.heartbeats.labels(str(exist).lower()).inc()
         if not exist:
-            logger.info("heartbeat from unknown worker %s: asking it to register", req.worker_name)
+            logger.info(
+                "heartbeat from an unknown or replaced worker %s: asking it to register",
+                req.worker_name,
+            )
         return exist
 
     async def unregister(self, worker_name: str, reason: str = "unregistered") -> bool:
@@ -189,6 +188,20 @@ class Controller:
         if request.prompt is not None:
             self.metrics.prefix_routes.labels(model, "hit" if route.cached_tokens else "miss").inc()
         return route
+
+    async def worker_address(self, request: RouteRequest) -> tuple[dict[str, Any], Route | None]:
+        """/get_worker_address's answer and the route behind it. FastChat's clients expect 200
+        and an empty address when no worker serves the model; the answer then says why."""
+        route = await self.select(request)
+        if route is not None:
+            return {"address": route.worker.worker_name}, route
+        models = await self.list_models()
+        text = f"no worker serves model {request.model!r}; models: {models}"
+        return {
+            "address": "",
+            "error_code": int(ErrorCode.CONTROLLER_NO_WORKER),
+            "text": text,
+        }, None
 
     async def open_stream(self, model: str, params: dict[str, Any]) -> httpx.Response | None:
         """Open /worker_generate_stream on a worker of `model`; on a connection failure (before

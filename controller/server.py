@@ -8,6 +8,7 @@ import uvicorn
 
 from pagedserve.controller.app import create_app
 from pagedserve.controller.config import ControllerConfig
+from pagedserve.controller.hot_routes import HotRoutes
 
 
 def _quiet_http_client_logs() -> None:
@@ -18,7 +19,7 @@ def _quiet_http_client_logs() -> None:
 def serve(config: ControllerConfig, log_level: str = "info") -> None:
     _quiet_http_client_logs()
     uvicorn.run(
-        create_app(config),
+        HotRoutes(create_app(config)),
         host=config.host,
         port=config.port,
         log_level=log_level,

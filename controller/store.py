@@ -55,8 +55,12 @@ class WorkerStore(abc.ABC):
         """Every worker, ordered by worker_name."""
 
     @abc.abstractmethod
-    async def update(self, worker_name: str, fields: dict[str, Any]) -> bool:
-        """Set some fields of an existing worker; False (and nothing written) if it is unknown."""
+    async def update(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
+        """Set some fields of an existing worker; False (and nothing written) if it is unknown,
+        or, when `worker_id` is given, if another worker (a restarted process) now has that
+        name."""
 
     @abc.abstractmethod
     async def incr_dispatched(self, worker_name: str) -> bool:
@@ -107,10 +111,12 @@ class MemoryStore(WorkerStore):
             workers = sorted(self._index.workers(), key=lambda w: w.worker_name)
             return [w.model_copy(deep=True) for w in workers]
 
-    async def update(self, worker_name: str, fields: dict[str, Any]) -> bool:
+    async def update(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
         _checked(fields)
         async with self._lock:
-            return self._index.update(worker_name, fields)
+            return self._index.update(worker_name, fields, worker_id)
 
     async def incr_dispatched(self, worker_name: str) -> bool:
         async with self._lock:

@@ -106,9 +106,11 @@ class WorkerIndex:
         self._workers[info.worker_name] = info
         self._enter(info)
 
-    def update(self, worker_name: str, fields: dict[str, Any]) -> bool:
+    def update(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
         info = self._workers.get(worker_name)
-        if info is None:
+        if info is None or (worker_id is not None and info.worker_id != worker_id):
             return False
         moves = any(k in _MEMBERSHIP and getattr(info, k) != v for k, v in fields.items())
         if moves:

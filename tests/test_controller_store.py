@@ -114,6 +114,22 @@ def test_update_changes_only_a_known_worker(new_store: StoreFactory) -> None:
     run(new_store, body)
 
 
+def test_update_for_a_worker_id_writes_only_that_worker(new_store: StoreFactory) -> None:
+    """A heartbeat from the old process at a restarted worker's address changes nothing."""
+
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker(worker_id="new"))
+        assert not await store.update("http://127.0.0.1:1", {"queue_length": 5}, worker_id="old")
+        assert (await store.get("http://127.0.0.1:1")).queue_length == 0
+        assert store.view.get("http://127.0.0.1:1").queue_length == 0
+        assert await store.update("http://127.0.0.1:1", {"queue_length": 6}, worker_id="new")
+        assert (await store.get("http://127.0.0.1:1")).queue_length == 6
+        assert store.view.get("http://127.0.0.1:1").queue_length == 6
+        assert not await store.update("http://127.0.0.1:9", {"queue_length": 5}, worker_id="new")
+
+    run(new_store, body)
+
+
 def test_update_rejects_unknown_fields(new_store: StoreFactory) -> None:
     async def body(store: WorkerStore) -> None:
         await store.put(worker())
@@ -197,6 +213,51 @@ def test_two_store_clients_see_one_registry(new_store: StoreFactory) -> None:
                 await other.close()
 
     run(new_store, body)
+
+
+def test_a_local_write_during_a_view_refresh_survives_it(redis_server: RedisServer) -> None:
+    """The Redis view is rebuilt from reads that may predate this process's own writes: those
+    writes are replayed on the new view before it replaces the old."""
+    from pagedserve.controller.redis_store import RedisStore
+
+    async def body() -> None:
+        store = RedisStore(redis_server.url, prefix=f"test{next(_prefixes)}")
+        written = asyncio.Event()
+        real_pipeline = store._redis.pipeline
+
+        def pipeline_pausing_after_reads(transaction: bool = True):
+            pipe = real_pipeline(transaction=transaction)
+            if not transaction:  # the refresh's reads (writes use transactions or scripts)
+                real_execute = pipe.execute
+
+                async def execute(*args, **kwargs):
+                    result = await real_execute(*args, **kwargs)
+                    await written.wait()
+                    return result
+
+                pipe.execute = execute
+            return pipe
+
+        try:
+            for i in range(1, 4):
+                await store.put(worker(f"http://127.0.0.1:{i}"))
+            store._redis.pipeline = pipeline_pausing_after_reads
+            refresh = asyncio.create_task(store.refresh_view())
+            await asyncio.sleep(0.2)  # the refresh has read Redis and waits
+            await store.update("http://127.0.0.1:1", {"queue_length": 9, "state": "draining"})
+            await store.remove("http://127.0.0.1:2")
+            await store.put(worker("http://127.0.0.1:4"))
+            written.set()
+            await refresh
+            view = store.view
+            assert view.get("http://127.0.0.1:1").queue_length == 9
+            assert view.get("http://127.0.0.1:2") is None and view.get("http://127.0.0.1:4")
+            names = [w.worker_name for w in view.candidates("m")]
+            assert names == ["http://127.0.0.1:3", "http://127.0.0.1:4"]  # 1 drains, 2 is gone
+        finally:
+            await store.close()
+
+    asyncio.run(body())
 
 
 def test_redis_store_down_raises_store_error(tmp_path: Path) -> None:
