@@ -115,7 +115,7 @@ class Controller:
             value = getattr(req, name)
             if value is not None:
                 fields[name] = value
-        exist = await self.store.update(req.worker_name, fields, worker_id=req.worker_id)
+        exist = await self.store.record_heartbeat(req.worker_name, fields, req.worker_id)
         self.metrics.heartbeats.labels(str(exist).lower()).inc()
         if not exist:
             logger.info(
@@ -234,15 +234,11 @@ class Controller:
     # -- upkeep (run by the monitor) --------------------------------------------------------
 
     async def expire(self) -> list[str]:
-        """Remove the workers whose heartbeats stopped. The view is scanned without copies;
-        each worker it names is read again from the store, whose record is authoritative
+        """Remove the workers whose heartbeats stopped. The store names the candidates without
+        a copy of every worker; each is read again, since the store's record is authoritative
         (another replica may have had its heartbeat)."""
         deadline = self.clock() - self.config.heartbeat_expiration
-        silent = [
-            w.worker_name
-            for w in self.store.view.workers()
-            if w.check_heart_beat and w.last_heart_beat < deadline
-        ]
+        silent = await self.store.silent_since(deadline)
         expired = []
         for name in silent:
             w = await self.store.get(name)

@@ -24,4 +24,8 @@ def serve(config: ControllerConfig, log_level: str = "info") -> None:
         port=config.port,
         log_level=log_level,
         timeout_graceful_shutdown=5,
+        # An access line per heartbeat is 4,000 lines a second at 20,000 workers, and a sixth
+        # of the controller's time: registrations, removals and errors are logged instead.
+        access_log=False,
+        proxy_headers=False,  # nothing here reads the client's address
     )

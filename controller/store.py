@@ -43,6 +43,15 @@ class WorkerStore(abc.ABC):
         compared), so that replicas sharing the store count each other's dispatches."""
         return None
 
+    async def silent_since(self, deadline: float) -> list[str]:
+        """Workers whose last heartbeat is older than `deadline` (the store's record may be
+        newer: confirm with `get` before acting)."""
+        return [
+            w.worker_name
+            for w in self.view.workers()
+            if w.check_heart_beat and w.last_heart_beat < deadline
+        ]
+
     @abc.abstractmethod
     async def put(self, info: WorkerInfo) -> None:
         """Add a worker or replace it whole (registration)."""
@@ -62,9 +71,21 @@ class WorkerStore(abc.ABC):
         or, when `worker_id` is given, if another worker (a restarted process) now has that
         name."""
 
+    async def record_heartbeat(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
+        """`update` for a heartbeat's fields; a store may answer from its view and write the
+        fields a moment later (`flush`)."""
+        return await self.update(worker_name, fields, worker_id)
+
     @abc.abstractmethod
     async def incr_dispatched(self, worker_name: str) -> bool:
-        """Count one more request sent to the worker since its last heartbeat."""
+        """Count one more request sent to the worker since its last heartbeat (a store may
+        write the count a moment later: `flush`)."""
+
+    async def flush(self) -> None:
+        """Write what was answered from the view and not yet written."""
+        return None  # a store that writes through has nothing waiting
 
     @abc.abstractmethod
     async def remove(self, worker_name: str) -> bool:

@@ -63,7 +63,7 @@ _EMPTY = ModelPool()
 
 # The fields that decide which pools hold a worker, and how they find it there; a heartbeat
 # that changes none of them changes no pool.
-_MEMBERSHIP = frozenset(
+MEMBERSHIP = frozenset(
     {"state", "drain_requested", "ready", "model_names", "worker_id", "multimodal"}
 )
 
@@ -112,7 +112,7 @@ class WorkerIndex:
         info = self._workers.get(worker_name)
         if info is None or (worker_id is not None and info.worker_id != worker_id):
             return False
-        moves = any(k in _MEMBERSHIP and getattr(info, k) != v for k, v in fields.items())
+        moves = any(k in MEMBERSHIP and getattr(info, k) != v for k, v in fields.items())
         if moves:
             self._leave(info)
         for k, v in fields.items():
