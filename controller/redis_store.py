@@ -78,6 +78,21 @@ return 1
 """
 )
 
+# The load fields (ARGV) of many workers (KEYS) as one JSON text: the fields are stored as
+# JSON already, so Redis only joins them, and the client parses one reply, not six per worker.
+# A field that is missing (a worker that is gone: all of them) reads as null.
+_READ_LOADS = """
+local rows = {}
+for i, key in ipairs(KEYS) do
+    local values = redis.call('HMGET', key, unpack(ARGV))
+    for j = 1, #ARGV do
+        if not values[j] then values[j] = 'null' end
+    end
+    rows[i] = '[' .. table.concat(values, ',') .. ']'
+end
+return '[' .. table.concat(rows, ',') .. ']'
+"""
+
 _INCR_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'dispatched', ARGV[1])
@@ -129,6 +144,7 @@ class RedisStore(WorkerStore):
         )
         self._update = self._redis.register_script(_UPDATE_IF_EXISTS)
         self._incr = self._redis.register_script(_INCR_IF_EXISTS)
+        self._loads = self._redis.register_script(_READ_LOADS)
         self._index = WorkerIndex()
         self._replay: list[Callable[[WorkerIndex], object]] | None = None  # during a refresh
         self._seen: str | None = None  # the last change read; None: reload everything
@@ -137,6 +153,7 @@ class RedisStore(WorkerStore):
         self._unwritten = _Unwritten()
         self._writing: _Unwritten | None = None  # in a pipeline that has not answered yet
         self._writer: asyncio.Task[None] | None = None
+        self._failure: StoreError | None = None  # how the last refresh failed, if it did
 
     @property
     def view(self) -> WorkerIndex:
@@ -183,6 +200,11 @@ class RedisStore(WorkerStore):
             for change in self._replay:
                 change(index)
             self._index = index
+        except StoreError as e:
+            self._failure = e
+            raise
+        else:
+            self._failure = None
         finally:
             self._replay = None
 
@@ -225,27 +247,26 @@ class RedisStore(WorkerStore):
         start = self._load_cursor % len(names)
         chosen = (names[start:] + names[:start])[:_LOAD_SLICE]
         self._load_cursor = start + len(chosen)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name in chosen:
-                pipe.hmget(self._key(name), _LOAD_FIELDS)
-            rows = await pipe.execute()
+        return await self._load_fields(chosen)
+
+    async def _load_fields(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The load fields of these workers (those Redis still has)."""
+        if not names:
+            return {}
+        rows = json.loads(await self._loads(keys=[self._key(n) for n in names], args=_LOAD_FIELDS))
         return {
-            name: {f: json.loads(v) for f, v in zip(_LOAD_FIELDS, row, strict=True)}
-            for name, row in zip(chosen, rows, strict=True)
+            name: dict(zip(_LOAD_FIELDS, row, strict=True))
+            for name, row in zip(names, rows, strict=True)
             if None not in row
         }
 
     async def refresh_load(self, workers: Sequence[WorkerInfo]) -> None:
         with _store_errors(self.url):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for w in workers:
-                    pipe.hmget(self._key(w.worker_name), _LOAD_FIELDS)
-                rows = await pipe.execute()
-        for w, row in zip(workers, rows, strict=True):
-            if None not in row:
-                for name, value in zip(_LOAD_FIELDS, row, strict=True):
-                    setattr(w, name, json.loads(value))
-        self._lay_unwritten_over(self._index, [w.worker_name for w in workers])
+            loads = await self._load_fields([w.worker_name for w in workers])
+        for w in workers:
+            for name, value in loads.get(w.worker_name, {}).items():
+                setattr(w, name, value)
+        self._lay_unwritten_over(self._index, loads)
 
     @property
     def _names_key(self) -> str:
@@ -388,6 +409,10 @@ class RedisStore(WorkerStore):
     async def ping(self) -> None:
         with _store_errors(self.url):
             await self._redis.ping()
+
+    def raise_if_down(self) -> None:
+        if self._failure is not None:  # the refresh a sweep ago failed (at most 1 s ago)
+            raise self._failure
 
     async def close(self) -> None:
         if self._writer is not None:

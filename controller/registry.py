@@ -106,6 +106,7 @@ class Controller:
         """Record the load a worker reports; False tells it to register again: it is unknown,
         or another process now answers at its address (a restarted worker, whose models and id
         must replace the old ones)."""
+        self.store.raise_if_down()
         fields: dict[str, Any] = {
             "queue_length": req.queue_length,
             "last_heart_beat": self.clock(),
@@ -143,7 +144,7 @@ class Controller:
 
     async def list_models(self, multimodal: bool | None = None) -> list[str]:
         """Models with at least one worker accepting requests (FastChat lists every model)."""
-        await self.store.ping()  # a store that is down answers 503, as dispatch does
+        self.store.raise_if_down()  # a store that is down answers 503, as dispatch does
         return self.store.view.models(multimodal)
 
     async def workers(self) -> list[WorkerView]:
@@ -171,6 +172,7 @@ class Controller:
     async def select(
         self, request: RouteRequest, exclude: set[str] | frozenset[str] = frozenset()
     ) -> Route | None:
+        self.store.raise_if_down()
         model = request.model
         candidates: Sequence[WorkerInfo] = self.store.view.candidates(model)
         if exclude:  # only after a worker could not be reached (open_stream's retries)

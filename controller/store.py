@@ -95,6 +95,10 @@ class WorkerStore(abc.ABC):
     async def ping(self) -> None:
         """Raise StoreError if the store cannot be used."""
 
+    def raise_if_down(self) -> None:
+        """Raise StoreError if the store failed the last time it was used (no round trip)."""
+        return None  # a store in this process is never down
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
