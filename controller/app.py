@@ -17,6 +17,7 @@ from fastapi import Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest, make_policy
@@ -49,7 +50,7 @@ def error_response(status: int, code: ErrorCode, text: str, framed: bool = False
     return Response(body, status_code=status, media_type="application/json")
 
 
-def validation_text(exc: RequestValidationError) -> str:
+def validation_text(exc: RequestValidationError | ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
@@ -74,6 +75,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
         )
         try:
             await store.ping()
+            await store.refresh_view()
             app.state.controller = Controller(
                 config, store, make_policy(config.routing_policy), client, ControllerMetrics()
             )
@@ -142,24 +144,13 @@ def create_app(config: ControllerConfig) -> FastAPI:
     async def list_language_models(ctl: Ctl) -> ListModelsResponse:
         return ListModelsResponse(models=await ctl.list_models(multimodal=False))
 
-    @app.post(
-        "/get_worker_address",
-        response_model=WorkerAddressResponse,
-        response_model_exclude_none=True,
-    )
-    async def get_worker_address(
-        body: ModelRequest, ctl: Ctl, response: Response
-    ) -> WorkerAddressResponse:
-        # FastChat's clients expect 200 and "" when no worker serves the model.
-        route = await ctl.select(RouteRequest(body.model, body.prompt, body.session_id))
-        if route is not None:
-            response.headers[ROUTE_HEADER] = route.header()
-            return WorkerAddressResponse(address=route.worker.worker_name)
-        return WorkerAddressResponse(
-            address="",
-            error_code=ErrorCode.CONTROLLER_NO_WORKER,
-            text=f"no worker serves model {body.model!r}; models: {await ctl.list_models()}",
+    @app.post("/get_worker_address", response_model=WorkerAddressResponse)
+    async def get_worker_address(body: ModelRequest, ctl: Ctl) -> Response:
+        answer, route = await ctl.worker_address(
+            RouteRequest(body.model, body.prompt, body.session_id)
         )
+        headers = {ROUTE_HEADER: route.header()} if route is not None else None
+        return Response(json.dumps(answer), media_type="application/json", headers=headers)
 
     @app.post("/worker_get_status")
     async def worker_get_status(ctl: Ctl) -> dict[str, Any]:

@@ -17,10 +17,17 @@ Every policy also:
 - remembers which worker was sent which prompt prefix (`PrefixIndex`), so that each route says
   how many of its prompt's tokens the chosen worker probably has cached. `prefix_aware` is the
   policy that acts on it.
+
+At scale (the controller with thousands of workers of one model) no policy scans the pool:
+least_load and prefix_aware compare two workers drawn at random ("power of two choices", near
+the exact minimum's balance at O(1)) once a pool has more than `exact_up_to` workers (16), and
+keep the exact minimum below; round robin indexes a pool that the controller keeps ordered by
+name (`Candidates`), where a plain list is still sorted per call. Lottery stays O(pool).
 """
 
 from __future__ import annotations
 
+import abc
 import itertools
 import random
 from collections import OrderedDict, defaultdict
@@ -47,6 +54,14 @@ LoadMeasure = Callable[[WorkerInfo], float]
 def reported_load(w: WorkerInfo) -> float:
     """The controller's measure: the queue of its last heartbeat plus what was sent since."""
     return w.queue_length + w.dispatched
+
+
+class Candidates(Sequence[WorkerInfo]):
+    """A model's accepting workers as the controller keeps them (controller/worker_index.py):
+    already ordered by worker_name, and found by worker_id in O(1)."""
+
+    @abc.abstractmethod
+    def find(self, worker_id: str) -> WorkerInfo | None: ...
 
 
 @dataclass(frozen=True)
@@ -105,13 +120,18 @@ class RoutingPolicy:
         session_spill: float = 2.0,
         index: PrefixIndex | None = None,
         sessions: SessionTable | None = None,
+        exact_up_to: int = 16,
+        seed: int | None = None,
         tie_band: float = 0.1,
     ) -> None:
         """kv_weight: how many queued requests a full KV cache weighs as. session_spill: how
         many requests more than the least loaded worker a session's worker may have before the
-        session moves."""
+        session moves. exact_up_to: the largest pool in which every worker is compared; above
+        it two drawn at random are."""
         if tie_band < 0:
             raise ValueError(f"tie_band must be >= 0; got {tie_band}")
+        if exact_up_to < 2:
+            raise ValueError(f"exact_up_to must be >= 2; got {exact_up_to}")
         if kv_weight < 0:
             raise ValueError(f"kv_weight must be >= 0; got {kv_weight}")
         if session_spill < 0:
@@ -122,10 +142,12 @@ class RoutingPolicy:
         self.index = index if index is not None else PrefixIndex()
         self.sessions = sessions if sessions is not None else SessionTable()
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+        self.exact_up_to = exact_up_to
         # Costs within this many requests of the best are a tie, taken in turn: a stale
         # report's small difference (a few KV blocks) must not send every request to one
         # worker until the next report.
         self.tie_band = tie_band
+        self._rng = random.Random(seed)
 
     def cost(self, w: WorkerInfo) -> float:
         """Requests ahead of a new one, per unit of the worker's speed, plus its KV pressure."""
@@ -135,7 +157,7 @@ class RoutingPolicy:
         if not workers:
             return None
         keys = block_keys(request.model, request.prompt) if request.prompt is not None else []
-        cached = self.index.cached_tokens(keys, (w.worker_id for w in workers)) if keys else {}
+        cached = self._cached(keys, workers) if keys else {}
         chosen = self._sticky(workers, request)
         sticky = chosen is not None
         if chosen is None:
@@ -150,12 +172,34 @@ class RoutingPolicy:
         if request.session_id is None or not self._uses_sessions(request):
             return None
         worker_id = self.sessions.get(request.session_id)
-        bound = next((w for w in workers if w.worker_id == worker_id), None)
+        if worker_id is None:
+            return None
+        if isinstance(workers, Candidates):
+            bound = workers.find(worker_id)
+        else:
+            bound = next((w for w in workers if w.worker_id == worker_id), None)
         if bound is None:
             return None
-        if self.cost(bound) - min(self.cost(w) for w in workers) > self.session_spill:
+        if self.cost(bound) - min(self.cost(w) for w in self._sample(workers)) > self.session_spill:
             return None  # far busier than another: the session moves
         return bound
+
+    def _cached(self, keys: Sequence[int], workers: Sequence[W]) -> dict[str, int]:
+        """Expected cached prompt tokens per worker id; in a large `Candidates` pool only the
+        workers that hold the prompt's first block are looked at, not every worker."""
+        if isinstance(workers, Candidates) and len(workers) > self.exact_up_to:
+            held = self.index.cached_tokens(keys, self.index.holders(keys[0]))
+            return {i: t for i, t in held.items() if t and workers.find(i) is not None}
+        return self.index.cached_tokens(keys, (w.worker_id for w in workers))
+
+    def _sample(self, workers: Sequence[W]) -> Sequence[W]:
+        """Every worker of a small pool; two distinct ones drawn at random from a large one."""
+        n = len(workers)
+        if n <= self.exact_up_to:
+            return workers
+        i = self._rng.randrange(n)
+        j = self._rng.randrange(n - 1)
+        return [workers[i], workers[j + (j >= i)]]
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
         raise NotImplementedError
@@ -165,7 +209,10 @@ class RoutingPolicy:
 
     def _round_robin(self, workers: Sequence[W], model: str) -> W:
         """Each model's workers in turn, ordered by name so the order survives re-listing."""
-        ordered = sorted(workers, key=lambda w: w.worker_name)
+        if isinstance(workers, Candidates):
+            ordered: Sequence[W] = workers  # kept ordered by the controller on each change
+        else:
+            ordered = sorted(workers, key=lambda w: w.worker_name)
         return ordered[next(self._turns[model]) % len(ordered)]
 
 
@@ -184,9 +231,10 @@ class LeastLoad(RoutingPolicy):
     name = "least_load"
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
-        costs = [self.cost(w) for w in workers]
+        sample = self._sample(workers)
+        costs = [self.cost(w) for w in sample]
         best = min(costs)
-        tied = [w for w, c in zip(workers, costs, strict=True) if c - best <= self.tie_band]
+        tied = [w for w, c in zip(sample, costs, strict=True) if c - best <= self.tie_band]
         return self._round_robin(tied, request.model)
 
 
@@ -212,10 +260,16 @@ class PrefixAware(RoutingPolicy):
         return request.prompt is None
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
-        costs = [self.cost(w) * self.request_tokens - cached.get(w.worker_id, 0) for w in workers]
+        sample = self._sample(workers)
+        if len(sample) < len(workers) and cached:
+            # the holders of the prefix compete with the two drawn (cached only names holders
+            # in the pool, so this stays O(holders))
+            found = (workers.find(i) for i in cached) if isinstance(workers, Candidates) else ()
+            sample = [*sample, *(w for w in found if w is not None)]
+        costs = [self.cost(w) * self.request_tokens - cached.get(w.worker_id, 0) for w in sample]
         best = min(costs)
         band = self.tie_band * self.request_tokens
-        tied = [w for w, c in zip(workers, costs, strict=True) if c - best <= band]
+        tied = [w for w, c in zip(sample, costs, strict=True) if c - best <= band]
         return self._round_robin(tied, request.model)
 
 
@@ -223,10 +277,6 @@ class Lottery(RoutingPolicy):
     """FastChat's `lottery`: a random worker, weighted by its speed."""
 
     name = "lottery"
-
-    def __init__(self, *args, seed: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._rng = random.Random(seed)
 
     def _choose(self, workers: Sequence[W], request: RouteRequest, cached: dict[str, int]) -> W:
         weights = [max(w.speed, 0) for w in workers]

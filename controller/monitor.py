@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 class Monitor:
     """One task, started and stopped by the app's lifespan.
 
-    Every `sweep_interval` it expires workers whose heartbeats stopped and refreshes the
-    registry gauges; every `health_check_interval` (if > 0) it checks each worker once.
+    Every `sweep_interval` it refreshes the store's view (other replicas' writes), expires
+    workers whose heartbeats stopped and refreshes the registry gauges; every `health_check_interval` (if > 0) it checks each worker once.
     """
 
     def __init__(self, controller: Controller) -> None:
@@ -44,8 +44,9 @@ class Monitor:
             try:
                 if now >= next_sweep:
                     next_sweep = now + config.sweep_interval
+                    await self.controller.store.refresh_view()
                     await self.controller.expire()
-                    self.controller.metrics.observe_registry(await self.controller.store.list())
+                    self.controller.metrics.observe_registry(self.controller.store.view.workers())
                 if config.health_check_interval > 0 and now >= next_check:
                     next_check = now + config.health_check_interval
                     await self.controller.health_check_all()

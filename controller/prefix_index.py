@@ -50,6 +50,11 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._holders)
 
+    def holders(self, key: int) -> set[str]:
+        """The workers that were sent the block `key` (a prompt's first block: who may hold
+        any of it), without touching its recency."""
+        return set(self._holders.get(key, ()))
+
     def cached_tokens(self, keys: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
         """Expected cached prompt tokens on each of `worker_ids`: its run of leading blocks."""
         matched = dict.fromkeys(worker_ids, 0)

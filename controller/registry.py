@@ -2,6 +2,11 @@
 
 Routes (app.py) only parse, call one method here and format. Nothing here keeps global
 state: everything lives in the store, so several replicas sharing a Redis store agree.
+
+The request path does no work proportional to the number of workers: dispatch and
+/list_models read the store's per-model view (`store.view`, worker_index.py) without copying
+or listing it, and the policy looks at O(1) of a large pool. Only the operator's routes
+(/workers, drain, refresh) and the monitor's upkeep go over every worker.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -18,6 +23,7 @@ from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.protocol import (
+    ErrorCode,
     HeartbeatRequest,
     RegisterWorkerRequest,
     WorkerInfo,
@@ -97,14 +103,10 @@ class Controller:
             ) from e
 
     async def heartbeat(self, req: HeartbeatRequest) -> bool:
-        """Record the load a worker reports; False tells it to register again."""
-        if req.worker_id is not None:
-            known = await self.store.get(req.worker_name)
-            if known is not None and known.worker_id != req.worker_id:
-                # Another process now answers at this address (a restarted worker): it must
-                # register again so that its models and id replace the old ones.
-                self.metrics.heartbeats.labels("false").inc()
-                return False
+        """Record the load a worker reports; False tells it to register again: it is unknown,
+        or another process now answers at its address (a restarted worker, whose models and id
+        must replace the old ones)."""
+        self.store.raise_if_down()
         fields: dict[str, Any] = {
             "queue_length": req.queue_length,
             "last_heart_beat": self.clock(),
@@ -114,10 +116,13 @@ class Controller:
             value = getattr(req, name)
             if value is not None:
                 fields[name] = value
-        exist = await self.store.update(req.worker_name, fields)
+        exist = await self.store.record_heartbeat(req.worker_name, fields, req.worker_id)
         self.metrics.heartbeats.labels(str(exist).lower()).inc()
         if not exist:
-            logger.info("heartbeat from unknown worker %s: asking it to register", req.worker_name)
+            logger.info(
+                "heartbeat from an unknown or replaced worker %s: asking it to register",
+                req.worker_name,
+            )
         return exist
 
     async def unregister(self, worker_name: str, reason: str = "unregistered") -> bool:
@@ -139,11 +144,8 @@ class Controller:
 
     async def list_models(self, multimodal: bool | None = None) -> list[str]:
         """Models with at least one worker accepting requests (FastChat lists every model)."""
-        names: set[str] = set()
-        for w in await self.store.list():
-            if w.accepting and (multimodal is None or w.multimodal == multimodal):
-                names.update(w.model_names)
-        return sorted(names)
+        self.store.raise_if_down()  # a store that is down answers 503, as dispatch does
+        return self.store.view.models(multimodal)
 
     async def workers(self) -> list[WorkerView]:
         now = self.clock()
@@ -158,7 +160,7 @@ class Controller:
 
     async def aggregate_status(self) -> WorkerStatus | dict[str, Any]:
         """FastChat's controller-as-a-worker status: models, total speed and queue."""
-        workers = [w for w in await self.store.list() if w.accepting]
+        workers = [w for w in self.store.view.workers() if w.accepting]
         return {
             "model_names": sorted({m for w in workers for m in w.model_names}),
             "speed": sum(w.speed for w in workers),
@@ -170,12 +172,15 @@ class Controller:
     async def select(
         self, request: RouteRequest, exclude: set[str] | frozenset[str] = frozenset()
     ) -> Route | None:
+        self.store.raise_if_down()
         model = request.model
-        candidates = [
-            w
-            for w in await self.store.list()
-            if model in w.model_names and w.accepting and w.worker_name not in exclude
-        ]
+        candidates: Sequence[WorkerInfo] = self.store.view.candidates(model)
+        if exclude:  # only after a worker could not be reached (open_stream's retries)
+            candidates = [w for w in candidates if w.worker_name not in exclude]
+        if 0 < len(candidates) <= self.policy.exact_up_to:
+            # a small pool is compared exactly: with its load as the store has it now (Redis:
+            # one round trip); a large one is sampled from the view, at most one sweep old
+            await self.store.refresh_load(candidates)
         route = self.policy.select(candidates, request)
         if route is None:
             self.metrics.dispatches.labels(model, "no_worker").inc()
@@ -185,6 +190,20 @@ class Controller:
         if request.prompt is not None:
             self.metrics.prefix_routes.labels(model, "hit" if route.cached_tokens else "miss").inc()
         return route
+
+    async def worker_address(self, request: RouteRequest) -> tuple[dict[str, Any], Route | None]:
+        """/get_worker_address's answer and the route behind it. FastChat's clients expect 200
+        and an empty address when no worker serves the model; the answer then says why."""
+        route = await self.select(request)
+        if route is not None:
+            return {"address": route.worker.worker_name}, route
+        models = await self.list_models()
+        text = f"no worker serves model {request.model!r}; models: {models}"
+        return {
+            "address": "",
+            "error_code": int(ErrorCode.CONTROLLER_NO_WORKER),
+            "text": text,
+        }, None
 
     async def open_stream(self, model: str, params: dict[str, Any]) -> httpx.Response | None:
         """Open /worker_generate_stream on a worker of `model`; on a connection failure (before
@@ -217,14 +236,17 @@ class Controller:
     # -- upkeep (run by the monitor) --------------------------------------------------------
 
     async def expire(self) -> list[str]:
+        """Remove the workers whose heartbeats stopped. The store names the candidates without
+        a copy of every worker; each is read again, since the store's record is authoritative
+        (another replica may have had its heartbeat)."""
         deadline = self.clock() - self.config.heartbeat_expiration
-        expired = [
-            w.worker_name
-            for w in await self.store.list()
-            if w.check_heart_beat and w.last_heart_beat < deadline
-        ]
-        for name in expired:
-            await self.unregister(name, reason="expired")
+        silent = await self.store.silent_since(deadline)
+        expired = []
+        for name in silent:
+            w = await self.store.get(name)
+            if w is not None and w.check_heart_beat and w.last_heart_beat < deadline:
+                await self.unregister(name, reason="expired")
+                expired.append(name)
         return expired
 
     async def health_check(self, w: WorkerInfo) -> None:
@@ -249,7 +271,7 @@ class Controller:
             await self.store.update(w.worker_name, {"health_failures": failures})
 
     async def health_check_all(self) -> None:
-        workers = await self.store.list()
+        workers = [w.model_copy() for w in self.store.view.workers()]
         await asyncio.gather(*(self.health_check(w) for w in workers))
 
     async def refresh_all(self) -> None:

@@ -8,6 +8,7 @@ import uvicorn
 
 from pagedserve.controller.app import create_app
 from pagedserve.controller.config import ControllerConfig
+from pagedserve.controller.hot_routes import HotRoutes
 
 
 def _quiet_http_client_logs() -> None:
@@ -18,9 +19,13 @@ def _quiet_http_client_logs() -> None:
 def serve(config: ControllerConfig, log_level: str = "info") -> None:
     _quiet_http_client_logs()
     uvicorn.run(
-        create_app(config),
+        HotRoutes(create_app(config)),
         host=config.host,
         port=config.port,
         log_level=log_level,
         timeout_graceful_shutdown=5,
+        # An access line per heartbeat is 4,000 lines a second at 20,000 workers, and a sixth
+        # of the controller's time: registrations, removals and errors are logged instead.
+        access_log=False,
+        proxy_headers=False,  # nothing here reads the client's address
     )

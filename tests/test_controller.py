@@ -421,9 +421,17 @@ def test_redis_down_gives_503_not_a_crash(tmp_path: Path) -> None:
             tmp_path, redis_url=redis.url, health_check_interval=0
         ).start() as ctl:
             redis.stop()
-            r = post(ctl.url, "/list_models")
-            assert r.status_code == 503 and "Redis" in r.json()["text"]
-            assert httpx.get(ctl.url + "/health").status_code == 503
+            assert httpx.get(ctl.url + "/health").status_code == 503  # asks Redis
+            # the hot routes answer from the view and learn of it at the next sweep (< 1 s)
+            body = {"model": "m", "worker_name": fake_address(), "queue_length": 0}
+
+            def refused(path: str) -> httpx.Response | None:
+                r = post(ctl.url, path, body)
+                return r if r.status_code == 503 else None
+
+            for path in ("/list_models", "/get_worker_address", "/receive_heart_beat"):
+                r = wait_until(lambda p=path: refused(p), 3, what=f"{path} answers 503")
+                assert "Redis" in r.json()["text"]
             assert ctl.alive
     finally:
         redis.stop()

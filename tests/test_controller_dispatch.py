@@ -225,6 +225,96 @@ def test_sessions_stick_to_their_worker_until_it_is_gone_or_far_busier() -> None
     assert pick(policy, [home], session_id="s1") is home  # its worker gone: rebinds
 
 
+# -- the controller's per-model view, at scale ---------------------------------------------------
+
+
+def test_least_load_compares_two_drawn_workers_in_a_large_pool() -> None:
+    from pagedserve.controller.worker_index import WorkerIndex
+
+    index = WorkerIndex(w(i, queue_length=i % 5) for i in range(1, 1001))
+    compared: list[float] = []
+
+    class Counting(LeastLoad):
+        def cost(self, worker: WorkerInfo) -> float:
+            compared.append(super().cost(worker))
+            return compared[-1]
+
+    policy = Counting(seed=1)
+    picks = Counter()
+    for _ in range(2000):
+        compared.clear()
+        chosen = pick(policy, index.candidates("m"))
+        assert len(compared) == 2 and policy.cost(chosen) == min(compared[:2])
+        chosen.dispatched += 1
+        picks[chosen.worker_id] += 1
+    # two choices keep the busiest worker within a few requests of the mean (2 per worker)
+    assert max(picks.values()) <= 6
+
+
+def test_round_robin_indexes_the_ordered_pool_without_sorting_it() -> None:
+    from pagedserve.controller.worker_index import WorkerIndex
+
+    index = WorkerIndex([w(3), w(1), w(2)])
+    policy = RoundRobin()
+    picks = [pick(policy, index.candidates("m")).worker_id for _ in range(6)]
+    assert picks == ["1", "2", "3", "1", "2", "3"]
+
+
+def test_the_view_follows_register_drain_heartbeat_and_remove() -> None:
+    import asyncio
+
+    import httpx
+
+    from pagedserve.controller.metrics import ControllerMetrics
+    from pagedserve.controller.protocol import HeartbeatRequest, RegisterWorkerRequest
+    from pagedserve.controller.registry import Controller
+    from pagedserve.controller.store import MemoryStore
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        async with httpx.AsyncClient() as client:
+            ctl = Controller(ControllerConfig(), store, LeastLoad(), client, ControllerMetrics())
+            for i in range(200):
+                status = {"model_names": ["m", "n"] if i % 2 else ["m"], "worker_id": f"w{i}"}
+                await ctl.register(
+                    RegisterWorkerRequest(worker_name=f"http://10.0.0.{i}:1", worker_status=status)
+                )
+
+            async def no_listing():
+                raise AssertionError("dispatch listed every worker")
+
+            store.list = no_listing  # dispatch and /list_models must not list the store
+            pool = store.view.candidates("m")
+            assert len(pool) == 200 and len(store.view.candidates("n")) == 100
+            names = [x.worker_name for x in pool]
+            assert names == sorted(names)
+            assert await ctl.list_models() == ["m", "n"]
+            assert (await ctl.select(RouteRequest("m"))) is not None
+
+            await ctl.heartbeat(
+                HeartbeatRequest(worker_name="http://10.0.0.1:1", queue_length=7, state="draining")
+            )
+            assert pool.find("w1") is None and len(store.view.candidates("n")) == 99
+            await ctl.heartbeat(
+                HeartbeatRequest(worker_name="http://10.0.0.1:1", queue_length=3, state="ready")
+            )
+            assert pool.find("w1").queue_length == 3 and len(pool) == 200
+            await store.update("http://10.0.0.3:1", {"drain_requested": True})
+            assert pool.find("w3") is None
+            await ctl.unregister("http://10.0.0.5:1")
+            assert pool.find("w5") is None and len(pool) == 198
+            names = [x.worker_name for x in pool]
+            assert names == sorted(names)
+            for i in range(0, 200, 2):
+                await ctl.unregister(f"http://10.0.0.{i}:1")
+            assert await ctl.list_models() == ["m", "n"]
+            for i in range(1, 200, 2):
+                await ctl.unregister(f"http://10.0.0.{i}:1")
+            assert await ctl.list_models() == [] and await ctl.select(RouteRequest("m")) is None
+
+    asyncio.run(scenario())
+
+
 def test_idle_workers_take_turns_whatever_small_difference_a_stale_report_shows() -> None:
     """A worker reported a few KV blocks in use a moment ago: the idle pair still alternates
     (costs within tie_band are a tie) instead of every request going to the other one."""

@@ -114,6 +114,22 @@ def test_update_changes_only_a_known_worker(new_store: StoreFactory) -> None:
     run(new_store, body)
 
 
+def test_update_for_a_worker_id_writes_only_that_worker(new_store: StoreFactory) -> None:
+    """A heartbeat from the old process at a restarted worker's address changes nothing."""
+
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker(worker_id="new"))
+        assert not await store.update("http://127.0.0.1:1", {"queue_length": 5}, worker_id="old")
+        assert (await store.get("http://127.0.0.1:1")).queue_length == 0
+        assert store.view.get("http://127.0.0.1:1").queue_length == 0
+        assert await store.update("http://127.0.0.1:1", {"queue_length": 6}, worker_id="new")
+        assert (await store.get("http://127.0.0.1:1")).queue_length == 6
+        assert store.view.get("http://127.0.0.1:1").queue_length == 6
+        assert not await store.update("http://127.0.0.1:9", {"queue_length": 5}, worker_id="new")
+
+    run(new_store, body)
+
+
 def test_update_rejects_unknown_fields(new_store: StoreFactory) -> None:
     async def body(store: WorkerStore) -> None:
         await store.put(worker())
@@ -125,12 +141,19 @@ def test_update_rejects_unknown_fields(new_store: StoreFactory) -> None:
 
 def test_dispatched_counts_up_and_a_heartbeat_resets_it(new_store: StoreFactory) -> None:
     async def body(store: WorkerStore) -> None:
+        name = "http://127.0.0.1:1"
         await store.put(worker())
         for _ in range(3):
-            assert await store.incr_dispatched("http://127.0.0.1:1")
-        assert (await store.get("http://127.0.0.1:1")).dispatched == 3
-        await store.update("http://127.0.0.1:1", {"dispatched": 0, "queue_length": 3})
-        assert (await store.get("http://127.0.0.1:1")).dispatched == 0
+            assert await store.incr_dispatched(name)
+        assert store.view.get(name).dispatched == 3  # at once in the view
+        await store.flush()
+        assert (await store.get(name)).dispatched == 3
+        assert await store.record_heartbeat(name, {"dispatched": 0, "queue_length": 3})
+        assert await store.incr_dispatched(name)  # after the reset: counts
+        assert store.view.get(name).dispatched == 1
+        await store.flush()
+        got = await store.get(name)
+        assert (got.dispatched, got.queue_length) == (1, 3)
 
     run(new_store, body)
 
@@ -139,7 +162,34 @@ def test_concurrent_dispatch_counts_are_exact(new_store: StoreFactory) -> None:
     async def body(store: WorkerStore) -> None:
         await store.put(worker())
         await asyncio.gather(*(store.incr_dispatched("http://127.0.0.1:1") for _ in range(50)))
+        await store.flush()
         assert (await store.get("http://127.0.0.1:1")).dispatched == 50
+
+    run(new_store, body)
+
+
+def test_written_behind_counts_reach_the_store_by_themselves(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker())
+        assert await store.incr_dispatched("http://127.0.0.1:1")
+        assert await store.record_heartbeat("http://127.0.0.1:1", {"queue_length": 4})
+        await asyncio.sleep(0.5)  # write-behind runs every 10 ms
+        got = await store.get("http://127.0.0.1:1")
+        assert (got.dispatched, got.queue_length) == (1, 4)
+
+    run(new_store, body)
+
+
+def test_a_heartbeat_answers_false_for_an_unknown_or_replaced_worker(
+    new_store: StoreFactory,
+) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker(worker_id="new"))
+        assert not await store.record_heartbeat("http://127.0.0.1:1", {"queue_length": 1}, "old")
+        assert not await store.record_heartbeat("http://127.0.0.1:2", {"queue_length": 1}, "new")
+        assert await store.record_heartbeat("http://127.0.0.1:1", {"queue_length": 2}, "new")
+        await store.flush()
+        assert (await store.get("http://127.0.0.1:1")).queue_length == 2
 
     run(new_store, body)
 
@@ -197,6 +247,149 @@ def test_two_store_clients_see_one_registry(new_store: StoreFactory) -> None:
                 await other.close()
 
     run(new_store, body)
+
+
+def test_a_local_write_during_a_view_refresh_survives_it(redis_server: RedisServer) -> None:
+    """The Redis view is rebuilt from reads that may predate this process's own writes: those
+    writes are replayed on the new view before it replaces the old."""
+    from pagedserve.controller.redis_store import RedisStore
+
+    async def body() -> None:
+        store = RedisStore(redis_server.url, prefix=f"test{next(_prefixes)}")
+        written = asyncio.Event()
+        real_pipeline = store._redis.pipeline
+
+        def pipeline_pausing_after_reads(transaction: bool = True):
+            pipe = real_pipeline(transaction=transaction)
+            if not transaction:  # the refresh's reads (writes use transactions or scripts)
+                real_execute = pipe.execute
+
+                async def execute(*args, **kwargs):
+                    result = await real_execute(*args, **kwargs)
+                    await written.wait()
+                    return result
+
+                pipe.execute = execute
+            return pipe
+
+        try:
+            for i in range(1, 4):
+                await store.put(worker(f"http://127.0.0.1:{i}"))
+            store._redis.pipeline = pipeline_pausing_after_reads
+            refresh = asyncio.create_task(store.refresh_view())
+            await asyncio.sleep(0.2)  # the refresh has read Redis and waits
+            await store.update("http://127.0.0.1:1", {"queue_length": 9, "state": "draining"})
+            await store.remove("http://127.0.0.1:2")
+            await store.put(worker("http://127.0.0.1:4"))
+            written.set()
+            await refresh
+            view = store.view
+            assert view.get("http://127.0.0.1:1").queue_length == 9
+            assert view.get("http://127.0.0.1:2") is None and view.get("http://127.0.0.1:4")
+            names = [w.worker_name for w in view.candidates("m")]
+            assert names == ["http://127.0.0.1:3", "http://127.0.0.1:4"]  # 1 drains, 2 is gone
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_silent_since_names_only_workers_whose_heartbeats_stopped(new_store: StoreFactory) -> None:
+    async def body(store: WorkerStore) -> None:
+        await store.put(worker("http://127.0.0.1:1", last_heart_beat=10.0))
+        await store.put(worker("http://127.0.0.1:2", last_heart_beat=10.0))
+        await store.put(worker("http://127.0.0.1:3", last_heart_beat=90.0))
+        await store.update("http://127.0.0.1:2", {"last_heart_beat": 95.0})  # a heartbeat
+        assert await store.silent_since(50.0) == ["http://127.0.0.1:1"]
+        await store.remove("http://127.0.0.1:1")
+        assert await store.silent_since(50.0) == []
+
+    run(new_store, body)
+
+
+def test_a_replica_refresh_reads_only_what_changed(redis_server: RedisServer) -> None:
+    """Another replica's registrations, removals and drains reach this view by the change
+    stream (only those workers are reread); heartbeats' load, by the rotating load slice."""
+    from pagedserve.controller import redis_store
+    from pagedserve.controller.redis_store import RedisStore
+
+    async def body() -> None:
+        prefix = f"test{next(_prefixes)}"
+        writer, reader = RedisStore(redis_server.url, prefix), RedisStore(redis_server.url, prefix)
+        reread: list[str] = []
+        real_key = reader._key
+        reader._key = lambda name: reread.append(name) or real_key(name)
+        try:
+            for i in range(1, 6):
+                await writer.put(worker(f"http://127.0.0.1:{i}"))
+            await reader.refresh_view()  # the first refresh reads everything
+            assert len(reader.view) == 5
+            reread.clear()
+            await writer.remove("http://127.0.0.1:1")
+            await writer.update("http://127.0.0.1:2", {"state": "draining"})
+            await writer.put(worker("http://127.0.0.1:6"))
+            await writer.update("http://127.0.0.1:3", {"queue_length": 4})  # load only
+            redis_store_slice = redis_store._LOAD_SLICE
+            redis_store._LOAD_SLICE = 0  # this refresh rereads no load
+            try:
+                await reader.refresh_view()
+            finally:
+                redis_store._LOAD_SLICE = redis_store_slice
+            assert sorted(reread) == [
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2",
+                "http://127.0.0.1:6",
+            ]
+            pool = [w.worker_name for w in reader.view.candidates("m")]
+            assert pool == [f"http://127.0.0.1:{i}" for i in (3, 4, 5, 6)]
+            assert reader.view.get("http://127.0.0.1:3").queue_length == 0  # not yet
+            await reader.refresh_view()  # the load slice covers every worker of a small registry
+            assert reader.view.get("http://127.0.0.1:3").queue_length == 4
+
+            # a stream trimmed past what the reader read: it reloads everything
+            await writer.put(worker("http://127.0.0.1:7"))
+            await writer._redis.xtrim(writer._changes_key, maxlen=0, approximate=False)
+            await writer._redis.delete(writer._key("http://127.0.0.1:4"))  # unlogged change
+            await writer.put(worker("http://127.0.0.1:8"))
+            await reader.refresh_view()
+            names = {w.worker_name for w in reader.view.workers()}
+            assert names == {f"http://127.0.0.1:{i}" for i in (2, 3, 5, 6, 7, 8)}
+        finally:
+            await writer.close()
+            await reader.close()
+
+    asyncio.run(body())
+
+
+def test_a_refresh_keeps_writes_not_yet_written_behind(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pagedserve.controller import redis_store
+    from pagedserve.controller.redis_store import RedisStore
+
+    monkeypatch.setattr(redis_store, "_FLUSH_EVERY", 60.0)  # nothing is written by itself
+
+    async def body() -> None:
+        store = RedisStore(redis_server.url, prefix=f"test{next(_prefixes)}")
+        try:
+            name = "http://127.0.0.1:1"
+            await store.put(worker())
+            await store.refresh_view()
+            assert await store.record_heartbeat(name, {"queue_length": 7, "dispatched": 0})
+            assert await store.incr_dispatched(name)
+            assert (await store.get(name)).queue_length == 0  # not written yet
+            store._seen = None  # the next refresh reloads everything
+            await store.refresh_view()
+            assert (store.view.get(name).queue_length, store.view.get(name).dispatched) == (7, 1)
+            await store.refresh_view()  # the incremental path, with the load slice
+            assert (store.view.get(name).queue_length, store.view.get(name).dispatched) == (7, 1)
+            await store.flush()
+            got = await store.get(name)
+            assert (got.queue_length, got.dispatched) == (7, 1)
+        finally:
+            await store.close()
+
+    asyncio.run(body())
 
 
 def test_redis_store_down_raises_store_error(tmp_path: Path) -> None:
