@@ -50,6 +50,7 @@ class Controller:
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self.started = clock()
 
     # -- registration and heartbeats --------------------------------------------------------
 
@@ -217,7 +218,12 @@ class Controller:
     # -- upkeep (run by the monitor) --------------------------------------------------------
 
     async def expire(self) -> list[str]:
+        """Remove the workers silent for `heartbeat_expiration` seconds of this controller's
+        life: a worker's heartbeats cannot land while no controller is up, so a controller that
+        comes back to a registry in Redis gives every worker that long to reach it."""
         deadline = self.clock() - self.config.heartbeat_expiration
+        if deadline < self.started:
+            return []
         expired = [
             w.worker_name
             for w in await self.store.list()
