@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from pagedserve.controller.app import create_app
 from pagedserve.controller.config import ControllerConfig
+from pagedserve.deploy import http_limits
 
 
 def _quiet_http_client_logs() -> None:
@@ -17,8 +16,9 @@ def _quiet_http_client_logs() -> None:
 
 def serve(config: ControllerConfig, log_level: str = "info") -> None:
     _quiet_http_client_logs()
-    uvicorn.run(
+    http_limits.run(
         create_app(config),
+        config.header_timeout,
         host=config.host,
         port=config.port,
         log_level=log_level,
