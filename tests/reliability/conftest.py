@@ -81,3 +81,8 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{book.scenario}.json").write_text(json.dumps(book.record(), indent=2) + "\n")
     print(f"\n[reliability] {json.dumps(book.record())}")
+
+
+# -- the control plane's stack (tests/reliability/control_stack.py) ---------------------------
+
+from control_stack import control_stack  # noqa: E402, F401  (a session fixture for its tests)
