@@ -13,7 +13,8 @@ from collections import Counter
 import httpx
 import pytest
 from conftest import Ledger, scaled
-from control_stack import MODEL, ControlStack, wait_until
+from control_stack import MODEL, ControlStack
+from servers import wait_until
 
 CLIENT_TIMEOUT = 30.0  # far above any answer here: reaching it means a request hung
 

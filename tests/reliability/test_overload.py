@@ -10,8 +10,8 @@ import time
 
 import httpx
 from conftest import Ledger, scaled
-from control_stack import MODEL, ControlStack, completion, wait_until
-from servers import metric
+from control_stack import MODEL, ControlStack, completion
+from servers import metric, wait_until
 
 LIMIT = 2
 AT_ONCE = 16
