@@ -2,8 +2,10 @@
 keeps its registry there, two tiny-model workers and a gateway, on loopback ports. Short header
 timeouts (2 s) so that slow clients are cut off within a bounded test.
 
-`control_stack` is one stack for the whole session (registered in conftest.py): starting two
-workers costs more than most scenarios, and each scenario leaves the stack as it found it.
+`control_stack` is one stack for all of tests/reliability (a session fixture registered in its
+conftest.py, which stops it after the last test that uses it rather than at the end of the
+whole suite): starting two workers costs more than most scenarios, and each scenario leaves the
+stack as it found it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class ControlStack:
         gateway.start(timeout=60)
         wait_until(lambda: serves_model(gateway), 30, what="the new gateway routes to the model")
         return gateway
+
+    def stop(self) -> None:
+        for p in (*self.extra, self.gateway, *self.workers, self.controller):
+            p.stop()
 
     def registered(self) -> set[str]:
         workers = httpx.get(self.controller.url + "/workers", timeout=5).json()["workers"]
@@ -168,5 +174,4 @@ def control_stack(
             print(f"[control_stack] warm in {time.monotonic() - started:.1f}s")
             yield stack
         finally:
-            for p in (*stack.extra, stack.gateway, *stack.workers, stack.controller):
-                p.stop()
+            stack.stop()
