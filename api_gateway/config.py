@@ -29,6 +29,8 @@ class GatewayConfig:
     max_prompt_tokens: int | None = None
     max_tokens_limit: int | None = None
     max_n: int = PROTOCOL_MAX_N
+    # Seconds a client has to send a request's headers (then 408 and close).
+    header_timeout: float = 10.0
     # Timeouts (seconds): connecting to a worker, from sending a request to its first streamed
     # byte, and the whole request (fail-overs and streaming included).
     connect_timeout: float = 5.0
@@ -82,6 +84,7 @@ class GatewayConfig:
             "breaker_cooldown",
             "routing_refresh_interval",
             "controller_timeout",
+            "header_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)}")

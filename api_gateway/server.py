@@ -16,12 +16,12 @@ import json
 import logging
 import os
 
-import uvicorn
 from fastapi import FastAPI
 
 from pagedserve.api_gateway.app import create_app
 from pagedserve.api_gateway.auth import KeyRing
 from pagedserve.api_gateway.config import GatewayConfig
+from pagedserve.deploy import http_limits
 
 # How `serve` hands the configuration to its worker processes (uvicorn starts them fresh).
 _CONFIG_ENV = "PAGEDSERVE_GATEWAY_CONFIG"
@@ -71,11 +71,12 @@ def serve(config: GatewayConfig, log_level: str = "info", workers: int = 1) -> N
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
     }
     if workers == 1:
-        uvicorn.run(create_app(config), **options)
+        http_limits.run(create_app(config), config.header_timeout, **options)
         return
     os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-    uvicorn.run(
+    http_limits.run(
         "pagedserve.api_gateway.server:_app_from_environment",
+        config.header_timeout,
         factory=True,
         workers=workers,
         **options,

@@ -38,6 +38,7 @@ from pagedserve.controller.protocol import (
 )
 from pagedserve.controller.registry import Controller, WorkerUnreachable
 from pagedserve.controller.store import StoreError, make_store
+from pagedserve.deploy.http_limits import BodyLimit
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
     # FastChat's servers read JSON whatever the content type says (curl -d sends a form type).
     app = FastAPI(title="pagedserve controller", lifespan=lifespan, strict_content_type=False)
     app.state.config = config
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:

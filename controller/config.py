@@ -27,6 +27,12 @@ class ControllerConfig:
     redis_prefix: str = "pagedserve:controller"
     # Read timeout when the controller proxies /worker_generate_stream to a worker.
     worker_api_timeout: float = 100.0
+    # Seconds a client has to send a request's headers (then 408 and close: slow clients
+    # cannot hold connections), and the largest request body (413 beyond, never read whole).
+    header_timeout: float = 10.0
+    # Its bodies are registrations, heartbeats and relayed generate requests (a gateway's 1 MiB
+    # plus a resumed stream's token ids).
+    max_body_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         check_policy_name(self.routing_policy)
@@ -50,6 +56,10 @@ class ControllerConfig:
                 "health_check_failure_threshold must be >= 1; "
                 f"got {self.health_check_failure_threshold}"
             )
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout must be > 0 seconds; got {self.header_timeout}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
         if self.worker_api_timeout <= 0:
             raise ValueError(
                 f"worker_api_timeout must be > 0 seconds; got {self.worker_api_timeout}"

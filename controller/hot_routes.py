@@ -25,10 +25,6 @@ from pagedserve.controller.protocol import ErrorCode, HeartbeatRequest, ModelReq
 from pagedserve.controller.registry import Controller
 from pagedserve.controller.store import StoreError
 
-# Larger than any prompt a prefix-aware dispatch is asked about; a bigger body is refused
-# before it is read whole.
-MAX_BODY = 4 << 20
-
 
 class _BodyTooLarge(Exception):
     pass
@@ -64,6 +60,8 @@ class HotRoutes:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+        # the app's own limit (its BodyLimit middleware), here in FastChat's error format
+        self.max_body = app.state.config.max_body_bytes
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         route = _ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -72,22 +70,23 @@ class HotRoutes:
             return
         model, answer = route
         try:
-            body = await _read_body(scope, receive)
+            body = await _read_body(scope, receive, self.max_body)
             request = model.model_validate_json(body) if model is not None else None
             response = await answer(self.app.state.controller, request)
         except ValidationError as e:
             response = error_response(400, ErrorCode.VALIDATION_TYPE_ERROR, validation_text(e))
         except _BodyTooLarge:
-            text = f"request body larger than {MAX_BODY} bytes"
+            text = f"request body larger than {self.max_body} bytes"
             response = error_response(413, ErrorCode.VALIDATION_TYPE_ERROR, text)
         except StoreError as e:
             response = error_response(503, ErrorCode.INTERNAL_ERROR, str(e))
         await response(scope, receive, send)
 
 
-async def _read_body(scope: dict, receive: Callable) -> bytes:
+async def _read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The request's body, refused as soon as it is known to pass `limit` (never read whole)."""
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise _BodyTooLarge
     chunks: list[bytes] = []
     size = 0
@@ -95,7 +94,7 @@ async def _read_body(scope: dict, receive: Callable) -> bytes:
         message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
+        if size > limit:
             raise _BodyTooLarge
         chunks.append(chunk)
         if not message.get("more_body", False):

@@ -56,6 +56,7 @@ class Controller:
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self.started = clock()
 
     # -- registration and heartbeats --------------------------------------------------------
 
@@ -238,8 +239,12 @@ class Controller:
     async def expire(self) -> list[str]:
         """Remove the workers whose heartbeats stopped. The store names the candidates without
         a copy of every worker; each is read again, since the store's record is authoritative
-        (another replica may have had its heartbeat)."""
+        (another replica may have had its heartbeat). A worker's heartbeats cannot land while
+        no controller is up, so a controller that comes back to a registry in Redis first gives
+        every worker `heartbeat_expiration` seconds of its own life to reach it."""
         deadline = self.clock() - self.config.heartbeat_expiration
+        if deadline < self.started:
+            return []
         silent = await self.store.silent_since(deadline)
         expired = []
         for name in silent:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from pagedserve.controller.app import create_app
 from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.hot_routes import HotRoutes
+from pagedserve.deploy import http_limits
 
 
 def _quiet_http_client_logs() -> None:
@@ -18,8 +17,9 @@ def _quiet_http_client_logs() -> None:
 
 def serve(config: ControllerConfig, log_level: str = "info") -> None:
     _quiet_http_client_logs()
-    uvicorn.run(
+    http_limits.run(
         HotRoutes(create_app(config)),
+        config.header_timeout,
         host=config.host,
         port=config.port,
         log_level=log_level,

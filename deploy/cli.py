@@ -130,6 +130,10 @@ def controller(
     worker_api_timeout: float = typer.Option(
         100.0, help="Read timeout (s) when proxying /worker_generate_stream."
     ),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
+    ),
+    max_body_bytes: int = typer.Option(8 << 20, help="Largest request body (413 beyond)."),
 ) -> None:
     """Run the controller: the registry of workers and the dispatcher (FastChat-compatible)."""
     from pagedserve.controller.config import ControllerConfig
@@ -147,6 +151,8 @@ def controller(
             redis_url=redis_url,
             redis_prefix=redis_prefix,
             worker_api_timeout=worker_api_timeout,
+            header_timeout=header_timeout,
+            max_body_bytes=max_body_bytes,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -180,6 +186,10 @@ def worker(
         help="Chat template: a built-in (FastChat) name such as vicuna_v1.1, or a Jinja file.",
         show_default="the tokenizer's own, else the built-in one the model's name matches",
     ),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
+    ),
+    max_body_bytes: int = typer.Option(8 << 20, help="Largest request body (413 beyond)."),
     **engine: Any,  # one flag per EngineConfig field, from engine_options
 ) -> None:
     """Run a model worker: one engine behind FastChat's worker API and OpenAI's API."""
@@ -198,6 +208,8 @@ def worker(
             heartbeat_interval=heartbeat_interval,
             drain_timeout=drain_timeout,
             chat_template=chat_template,
+            header_timeout=header_timeout,
+            max_body_bytes=max_body_bytes,
             engine=EngineConfig(model=model_path, **engine),
         )
     except ValueError as e:
@@ -241,6 +253,10 @@ def ui(
     ),
     concurrency: int = typer.Option(16, help="Streams served at once, all sessions together."),
     seed: int | None = typer.Option(None, help="Seed of the battle draws (tests)."),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 beyond)."),
 ) -> None:
     """Run the Chatbot Arena web UI (Gradio), a client of the gateway's OpenAI API."""
     from pagedserve.web_ui.config import ArenaConfig, parse_descriptions, parse_weights
@@ -268,6 +284,8 @@ def ui(
             bt_prior_sd=bt_prior_sd,
             concurrency=concurrency,
             seed=seed,
+            header_timeout=header_timeout,
+            max_body_bytes=max_body_bytes,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -363,6 +381,9 @@ def gateway(
         None, help="Most max_tokens per choice (and the bound of chats that set none)."
     ),
     max_n: int = typer.Option(16, help="Most choices (n) per request."),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
+    ),
     connect_timeout: float = typer.Option(5.0, help="Seconds to connect to a worker."),
     first_token_timeout: float = typer.Option(
         60.0, help="Seconds from sending a request to the worker's first streamed byte."
@@ -404,6 +425,7 @@ def gateway(
             max_prompt_tokens=max_prompt_tokens,
             max_tokens_limit=max_tokens_limit,
             max_n=max_n,
+            header_timeout=header_timeout,
             connect_timeout=connect_timeout,
             first_token_timeout=first_token_timeout,
             total_timeout=total_timeout,

@@ -211,6 +211,15 @@ def gateway_process(
     return ServerProcess("gateway", argv, port, log_dir, ready_path="/health")
 
 
+def ui_process(
+    log_dir: Path, gateway_url: str, port: int | None = None, **options: Any
+) -> ServerProcess:
+    """`pagedserve ui` (the arena) in front of a gateway, flags from keyword arguments."""
+    port = port or free_port()
+    argv = cli("ui", "--port", str(port), "--gateway-url", gateway_url, *_flags(options))
+    return ServerProcess("ui", argv, port, log_dir, ready_path="/health")
+
+
 def stub_worker_process(
     log_dir: Path, controller_url: str | None, port: int | None = None, **options: Any
 ) -> ServerProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,6 +313,29 @@ def test_a_silent_worker_expires_and_an_unchecked_one_stays(
         wait_until(lambda: silent not in workers(ctl.url), 5, what="silent worker expired")
         assert address_for(ctl.url, "eps") == unchecked
         assert 'reason="expired"' in httpx.get(ctl.url + "/metrics").text
+
+
+def test_a_restarted_controller_gives_workers_in_redis_time_to_reach_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Down longer than the expiration, a controller must not come back and drop every worker
+    at once for heartbeats it could not have heard (FastChat clients then get "no worker")."""
+    options = {
+        "redis_url": redis_server.url,
+        "redis_prefix": f"restart{free_port()}",
+        "heartbeat_expiration": 2.0,
+        "health_check_interval": 0,
+    }
+    port = free_port()
+    worker = fake_address()
+    with controller_process(tmp_path, port=port, **options).start() as ctl:
+        register(ctl.url, worker, ["eps"])
+    time.sleep(2.5)  # down for longer than the expiration
+    with controller_process(tmp_path, port=port, **options).start() as ctl:
+        assert address_for(ctl.url, "eps") == worker
+        assert worker in workers(ctl.url)
+        # and a worker that stays silent still goes, once the new controller has waited
+        wait_until(lambda: worker not in workers(ctl.url), 10, what="silent worker expired")
 
 
 def test_health_checks_remove_the_unreachable_and_hold_back_the_unready(

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fuzzing import fuzz_openapi
 from servers import (
     ServerProcess,
     controller_process,
@@ -484,10 +485,7 @@ KNOWN_GOOD = {
 def _fuzz(stack: Stack, examples: int) -> None:
     """Schemathesis cases for every operation, positive and negative: no 5xx, and every answer
     matches the schema (status, content type, body)."""
-    import hypothesis
-    import schemathesis
     from schemathesis.checks import not_a_server_error
-    from schemathesis.generation import GenerationMode
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
         response_schema_conformance,
@@ -495,44 +493,24 @@ def _fuzz(stack: Stack, examples: int) -> None:
     )
 
     spec = httpx.get(stack.url + "/openapi.json").json()
-    # Aim most generated requests at a model that exists, so that they reach a worker.
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        spec["components"]["schemas"][name]["properties"]["model"] = {
-            "type": "string",
-            "enum": ["tiny", "tiny", "missing"],
-        }
-    schema = schemathesis.openapi.from_dict(spec)
+    aim_at_models(spec, ["tiny", "tiny", "missing"])
     checks = [
         not_a_server_error,
         status_code_conformance,
         content_type_conformance,
         response_schema_conformance,
     ]
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        for body in KNOWN_GOOD.get(operation.path, []):  # every answer shape, every run
-            case = operation.Case(body=body, media_type="application/json")
-            answer = case.call_and_validate(base_url=stack.url, checks=checks, timeout=60)
-            assert answer.status_code == 200, answer.text
-        modes = [GenerationMode.POSITIVE]
-        if operation.method.upper() == "POST":  # only bodies can be wrong
-            modes.append(GenerationMode.NEGATIVE)
-        for mode in modes:
-
-            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis.settings(
-                max_examples=examples,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                suppress_health_check=list(hypothesis.HealthCheck),
-                phases=[hypothesis.Phase.generate],
-            )
-            def check(case: schemathesis.Case) -> None:
-                case.call_and_validate(base_url=stack.url, checks=checks, timeout=60)
-
-            check()
+    fuzz_openapi(stack.url, spec, examples, checks, KNOWN_GOOD)
     assert all(idle(w) for w in stack.workers if w.alive)
+
+
+def aim_at_models(spec: dict, models: list[str]) -> None:
+    """Aim most generated requests at a model that exists, so that they reach a worker."""
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        spec["components"]["schemas"][name]["properties"]["model"] = {
+            "type": "string",
+            "enum": models,
+        }
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(stack: Stack) -> None:

@@ -23,6 +23,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.deploy.http_limits import BodyLimit
 from pagedserve.web_ui.battle_log import ChatLog
 from pagedserve.web_ui.config import ArenaConfig
 from pagedserve.web_ui.gateway_client import ChatParams, GatewayClient, GatewayError
@@ -599,6 +600,7 @@ def create_app(config: ArenaConfig) -> Any:
 
     app = FastAPI(title="pagedserve arena", lifespan=lifespan)
     app.state.services = services
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -612,14 +614,15 @@ def create_app(config: ArenaConfig) -> Any:
 
 
 def serve(config: ArenaConfig, log_level: str = "info") -> None:
-    import uvicorn
+    from pagedserve.deploy import http_limits
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(config)
     logger.info("arena at http://%s:%s (gateway %s)", config.host, config.port, config.gateway_url)
     # Browsers keep Gradio's event streams open: give them a few seconds on shutdown, no more.
-    uvicorn.run(
+    http_limits.run(
         app,
+        config.header_timeout,
         host=config.host,
         port=config.port,
         log_level=log_level,

@@ -74,6 +74,10 @@ class ArenaConfig:
     # Concurrent streaming events across all sessions.
     concurrency: int = 16
     seed: int | None = None
+    # Seconds a client has to send a request's headers (then 408 and close: slow clients
+    # cannot hold connections), and the largest request body (413 beyond, never read whole).
+    header_timeout: float = 10.0
+    max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not self.gateway_url.startswith(("http://", "https://")):
@@ -88,7 +92,15 @@ class ArenaConfig:
             raise ValueError(f"temperature must be in [0, 2]; got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        for name in ("max_tokens", "max_prompt_chars", "max_turns", "concurrency"):
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout must be > 0 seconds; got {self.header_timeout}")
+        for name in (
+            "max_tokens",
+            "max_prompt_chars",
+            "max_turns",
+            "concurrency",
+            "max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.bootstrap_rounds < 1:

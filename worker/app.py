@@ -30,6 +30,7 @@ from pagedserve.api_gateway.protocol import (
     ModelList,
 )
 from pagedserve.controller.protocol import CountTokenRequest, ErrorCode, GenerateParams
+from pagedserve.deploy.http_limits import BodyLimit
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.model_worker import EngineFactory, ModelWorker, default_engine_factory
 from pagedserve.worker.requests import RequestError, until_disconnected
@@ -95,6 +96,7 @@ def create_app(config: WorkerConfig, engine_factory: EngineFactory | None = None
     # FastChat's workers read JSON whatever the content type says.
     app = FastAPI(title="pagedserve worker", lifespan=lifespan, strict_content_type=False)
     app.state.config = config
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, exc: RequestError) -> Response:

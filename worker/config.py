@@ -30,6 +30,11 @@ class WorkerConfig:
     # --chat-template: a built-in (FastChat) template's name or a Jinja file; None: the
     # tokenizer's own template, else the built-in one the model's name matches.
     chat_template: str | None = None
+    # Seconds a client has to send a request's headers (then 408 and close: slow clients
+    # cannot hold connections), and the largest request body (413 beyond, never read whole).
+    header_timeout: float = 10.0
+    # Room for a gateway's 1 MiB body plus a resumed stream's token ids.
+    max_body_bytes: int = 8 << 20
     # The engine's settings, whose model is model_path; None: EngineConfig's defaults.
     engine: EngineConfig | None = None
 
@@ -47,6 +52,10 @@ class WorkerConfig:
             raise ValueError(
                 f"heartbeat_interval must be > 0 seconds; got {self.heartbeat_interval}"
             )
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout must be > 0 seconds; got {self.header_timeout}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0 seconds; got {self.drain_timeout}")
         for name in ("controller_address", "worker_address"):

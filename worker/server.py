@@ -15,6 +15,7 @@ from types import FrameType
 
 import uvicorn
 
+from pagedserve.deploy.http_limits import LimitedConfig
 from pagedserve.worker.app import create_app
 from pagedserve.worker.config import WorkerConfig
 
@@ -70,8 +71,9 @@ def serve(config: WorkerConfig, log_level: str = "info") -> None:
     _quiet_http_client_logs()
     app = create_app(config)
     server = DrainingServer(
-        uvicorn.Config(
+        LimitedConfig(
             app,
+            config.header_timeout,
             host=config.host,
             port=config.port,
             log_level=log_level,

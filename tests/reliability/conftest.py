@@ -81,3 +81,27 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{book.scenario}.json").write_text(json.dumps(book.record(), indent=2) + "\n")
     print(f"\n[reliability] {json.dumps(book.record())}")
+
+
+# -- the control plane's stack (tests/reliability/control_stack.py) ---------------------------
+
+from control_stack import control_stack  # noqa: E402, F401  (a session fixture for its tests)
+
+_LAST_STACK_USER = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Note the last test that uses the control stack (see pytest_runtest_teardown)."""
+    users = [i.nodeid for i in items if "control_stack" in getattr(i, "fixturenames", ())]
+    if users:
+        config.stash[_LAST_STACK_USER] = users[-1]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the control stack after its last test, not at the end of the whole suite (its
+    processes would idle, heartbeating, through every later test)."""
+    if item.nodeid == item.config.stash.get(_LAST_STACK_USER, None):
+        stack = getattr(item, "funcargs", {}).get("control_stack")
+        if stack is not None:
+            stack.stop()
