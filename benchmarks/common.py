@@ -97,15 +97,17 @@ def free_port() -> int:
 
 
 class Service:
-    """A server subprocess, ready when `ready_path` answers 200; always stopped. With
-    wait=False the constructor only starts it (so that several start side by side) and
-    `wait_ready()` waits."""
+    """A server subprocess, ready when `ready_path` answers 200 (within `ready_timeout`
+    seconds); always stopped. With wait=False the constructor only starts it (so that several
+    start side by side) and `wait_ready()` waits."""
 
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str, work: Path,
-                 env: dict[str, str] | None = None, wait: bool = True) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, wait: bool = True,
+                 ready_timeout: float = 120) -> None:  # fmt: skip
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
+        self.ready_timeout = ready_timeout
         self.log = work / f"{name}.log"
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -117,7 +119,7 @@ class Service:
 
     def wait_ready(self) -> None:
         name, log, ready_path = self.name, self.log, self.ready_path
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited while starting; see {log}")
@@ -128,7 +130,7 @@ class Service:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{name} not ready within 120 s; see {log}")
+                raise TimeoutError(f"{name} not ready within {self.ready_timeout:.0f} s; see {log}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -143,3 +145,12 @@ class Service:
 
 def pagedserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "pagedserve.deploy.cli", *args]
+
+
+def wait_for_workers(controller_url: str, count: int, timeout: float = 30) -> None:
+    """Until a pagedserve controller lists `count` workers."""
+    deadline = time.monotonic() + timeout
+    while len(httpx.get(controller_url + "/workers").json()["workers"]) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers did not register within {timeout:.0f} s")
+        time.sleep(0.1)
