@@ -363,8 +363,8 @@ def tiny_llama() -> Path:
 
 
 def paged_worker(work: Path, model: Path, name: str, args, *flags: str, controller: str | None = None,
-                 threads: str = THREADS, tag: str = "worker") -> Service:  # fmt: skip
-    port = free_port()
+                 threads: str | None = None, tag: str = "worker") -> Service:  # fmt: skip
+    port, threads = free_port(), threads or str(args.worker_threads)
     register = (
         ["--controller-address", controller, "--heartbeat-interval", "1"]
         if controller
@@ -467,14 +467,14 @@ class Bench:
         self.services.clear()
 
     def measure(self, url: str, model: str, rate: float | None = None, requests=None) -> dict:
-        """A warm-up of a few requests, then the workload."""
-        a = self.args
-        count = self.count_tokens
-        warm = [Request(r.prompt, r.prompt_len, 8) for r in self.requests[:4]]
+        """A warm-up of a few requests (the workload's first 4, 8 tokens each), then the
+        workload."""
+        a, count, requests = self.args, self.count_tokens, requests or self.requests
+        warm = [Request(r.prompt, r.prompt_len, 8) for r in requests[:4]]
         asyncio.run(run_load(url, model, warm, math.inf, None, a.seed, count, progress=False))
         rate = a.request_rate if rate is None else rate
         outcomes, seconds = asyncio.run(run_load(
-            url, model, requests or self.requests, rate, a.max_concurrency, a.seed, count,
+            url, model, requests, rate, a.max_concurrency, a.seed, count,
             progress=not a.no_progress, timeout=a.request_timeout,
         ))  # fmt: skip
         return summarize(outcomes, seconds, a.slos)
@@ -487,7 +487,9 @@ class Bench:
         prefill = sum(r.prompt_len for r in self.requests)
         decode = sum(r.output_len for r in self.requests)
         cfg = AutoConfig.from_pretrained(self.model)
-        seconds = matmul_bound_seconds(cfg, prefill, decode, torch.float32)
+        # The best of 3: a tiny model's matmuls take microseconds, and one descheduled thread
+        # on a busy machine can make a single measurement 100x slower.
+        seconds = min(matmul_bound_seconds(cfg, prefill, decode, torch.float32) for _ in range(3))
         return {"seconds": seconds, "output_throughput": decode / seconds}
 
 
@@ -551,12 +553,12 @@ def compare_prefix(b: Bench) -> dict:
     text = PromptText(b.tokenizer, a.seed + 1)
     system = text.make(a.shared_prefix_len)
     lo, hi = (int(x) for x in a.input_len.split(":"))
-    requests = uniform(len(b.requests), text, (lo, hi), a.output_len, a.seed, prefix=system)
+    b.requests = uniform(a.num_prompts, text, (lo, hi), a.output_len, a.seed, prefix=system)
     runs = {}
-    for label, flag in (("prefix cache on", "--enable-prefix-caching"),
-                        ("prefix cache off", "--no-enable-prefix-caching")):  # fmt: skip
+    for state in a.order or ["on", "off"]:
+        flag = "--enable-prefix-caching" if state == "on" else "--no-enable-prefix-caching"
         s = b.start(paged_worker(b.work, b.model, "bench", a, flag))
-        runs[label] = b.measure(s.url, "bench", requests=requests)
+        runs[f"prefix cache {state}"] = b.measure(s.url, "bench")
         b.stop_all()
     return runs
 
@@ -586,6 +588,8 @@ def plot_sweep(runs: dict[str, dict], rates: list[float], path: str) -> None:
     right = left.twinx()
     right.plot(xs, [v["p99_ttft_ms"] / 1000 for v in values], "s--", color="tab:red")
     right.set_ylabel("p99 TTFT (s)", color="tab:red")
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [f"{r:g}" for r in rates])
     left.set_title("one pagedserve worker, tiny Llama, 2-core CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -623,6 +627,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--max-model-len", type=int, default=1024, help="Longest prompt + output.")
     ap.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache of each server.")
+    ap.add_argument("--worker-threads", type=int, default=1,
+                    help="A lone pagedserve worker's --cpu-threads: 1 leaves the other core to its "
+                    "HTTP side and the client (the tiny model's matmuls gain nothing from 2).")  # fmt: skip
     ap.add_argument(
         "--request-rate", type=float, default=math.inf, help="Poisson req/s; inf: all at once."
     )
@@ -631,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slo", type=parse_slo, action="append", default=[],
                     help="KEY:MS (ttft, tpot, itl, e2el); goodput counts requests meeting all.")  # fmt: skip
     ap.add_argument(
-        "--order", help="--compare vllm|fastchat: who runs first, e.g. vllm,pagedserve."
+        "--order", help="Who runs first: vllm,pagedserve; fastchat,pagedserve; off,on (prefix)."
     )
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -660,10 +667,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             bench.stop_all()
     n = len(bench.requests)
+    rate = "as named" if args.compare == "sweep" else f"{args.request_rate:g}"
     p = [r.prompt_len for r in bench.requests]
     o = [r.output_len for r in bench.requests]
     print(f"\n{n} requests, prompts {min(p)}..{max(p)} tokens (mean {statistics.fmean(p):.0f}), "
-          f"outputs {min(o)}..{max(o)} (mean {statistics.fmean(o):.0f}), rate {args.request_rate:g}, "
+          f"outputs {min(o)}..{max(o)} (mean {statistics.fmean(o):.0f}), rate {rate}, "
           f"max concurrency {args.max_concurrency or n}; times in ms")  # fmt: skip
     print_runs(runs, base)
     bound = bench.bound() if args.compare else None
