@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound."""
+"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound,
+services. torch is imported where it is used, so that a load-generating client that needs none
+(benchmarks/serving.py) starts in a second instead of five."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from torch import nn
 
 
 def build_random_model(arch: str, root: Path, hidden: int, layers: int, heads: int,
@@ -35,6 +35,8 @@ def build_random_model(arch: str, root: Path, hidden: int, layers: int, heads: i
 
 
 def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high + 1, (count,), generator=g).tolist()
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -47,6 +49,9 @@ def matmul_bound_seconds(hf_config, prefill_tokens: int, decode_tokens: int, dty
 
     The matmuls are those of the engine's own model for `hf_config`, read off its linear
     layers (built on the meta device), so any architecture the engine serves is measured."""
+    import torch
+    from torch import nn
+
     from pagedserve.engine.model_loader import meta_model
 
     model = meta_model(hf_config)
