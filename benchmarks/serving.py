@@ -514,7 +514,7 @@ class Bench:
 
 def compare_vllm(b: Bench) -> dict:
     runs = {}
-    for name in b.args.order or ["pagedserve", "vllm"]:
+    for name in b.args.order:
         if name == "pagedserve":
             s = b.start(
                 paged_worker(b.work, b.model, "bench", b.args, "--no-enable-prefix-caching")
@@ -529,7 +529,7 @@ def compare_vllm(b: Bench) -> dict:
 def compare_fastchat(b: Bench) -> dict:
     controller, api = (b.start(s) for s in fastchat_services(b.work))
     runs = {}
-    for name in b.args.order or ["pagedserve", "fastchat"]:
+    for name in b.args.order:
         if name == "pagedserve":
             s = paged_worker(b.work, b.model, name, b.args, "--no-enable-prefix-caching",
                              controller=controller.url)  # fmt: skip
@@ -574,7 +574,7 @@ def compare_prefix(b: Bench) -> dict:
     lo, hi = (int(x) for x in a.input_len.split(":"))
     b.requests = uniform(a.num_prompts, text, (lo, hi), a.output_len, a.seed, prefix=system)
     runs = {}
-    for state in a.order or ["on", "off"]:
+    for state in a.order:
         flag = "--enable-prefix-caching" if state == "on" else "--no-enable-prefix-caching"
         s = b.start(paged_worker(b.work, b.model, "bench", a, flag))
         runs[f"prefix cache {state}"] = b.measure(s.url, "bench")
@@ -582,13 +582,32 @@ def compare_prefix(b: Bench) -> dict:
     return runs
 
 
+# name: (function, the row ratios are taken against, the default --order)
 COMPARISONS = {
-    "vllm": (compare_vllm, "pagedserve"),
-    "fastchat": (compare_fastchat, "pagedserve"),
-    "stack": (compare_stack, "worker direct"),
-    "sweep": (compare_sweep, None),
-    "prefix": (compare_prefix, "prefix cache off"),
+    "vllm": (compare_vllm, "pagedserve", ["pagedserve", "vllm"]),
+    "fastchat": (compare_fastchat, "pagedserve", ["pagedserve", "fastchat"]),
+    "stack": (compare_stack, "worker direct", []),
+    "sweep": (compare_sweep, None, []),
+    "prefix": (compare_prefix, "prefix cache off", ["on", "off"]),
 }
+
+
+def rounds(b: Bench, compare, order: list[str]) -> dict:
+    """--rounds runs of a comparison, the order reversed every other round (on a shared machine
+    whoever runs first tends to win); per row, the round of median output tok/s, all its
+    figures from that one run, and every round's output tok/s beside it."""
+    results = []
+    for i in range(b.args.rounds):
+        b.args.order = order if i % 2 == 0 else order[::-1]
+        results.append(compare(b))
+        if b.args.rounds > 1:
+            print(f"round {i + 1}/{b.args.rounds} done", flush=True)
+    runs = {}
+    for name in results[0]:
+        each = sorted((r[name] for r in results), key=lambda r: r["output_throughput"])
+        runs[name] = {**each[(len(each) - 1) // 2],
+                      "rounds_output_throughput": [r[name]["output_throughput"] for r in results]}  # fmt: skip
+    return runs
 
 
 def plot_sweep(runs: dict[str, dict], rates: list[float], path: str) -> None:
@@ -659,6 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--order", help="Who runs first: vllm,pagedserve; fastchat,pagedserve; off,on (prefix)."
     )
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--compare: run it this many times, the order reversed every other "
+                    "round; each row reports its median round.")  # fmt: skip
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -680,9 +702,9 @@ def main(argv: list[str] | None = None) -> None:
         runs, base = {args.base_url: bench.measure(args.base_url.rstrip("/"), args.model)}, None
     else:
         bench = Bench(args, Path(args.model_path) if args.model_path else tiny_llama())
-        compare, base = COMPARISONS[args.compare]
+        compare, base, order = COMPARISONS[args.compare]
         try:
-            runs = compare(bench)
+            runs = rounds(bench, compare, args.order or order)
         finally:
             bench.stop_all()
     n = len(bench.requests)
@@ -693,6 +715,10 @@ def main(argv: list[str] | None = None) -> None:
           f"outputs {min(o)}..{max(o)} (mean {statistics.fmean(o):.0f}), rate {rate}, "
           f"max concurrency {args.max_concurrency or n}; times in ms")  # fmt: skip
     print_runs(runs, base)
+    if args.compare and args.rounds > 1:
+        for name, r in runs.items():
+            each = ", ".join(f"{t:.0f}" for t in r["rounds_output_throughput"])
+            print(f"{name}: output tok/s by round {each} (the row is the median round)")
     bound = bench.bound() if args.compare else None
     if bound:
         print(f"this machine's matmul bound for the same work: {bound['output_throughput']:.0f} "
