@@ -55,6 +55,10 @@ lock: $(STAMP)
 	$(UV) pip compile -q --upgrade $(LOCK_TARGET) pyproject.toml --extra dev \
 		-c requirements/torch.in -o requirements/cuda.txt
 	$(UV) pip compile -q --upgrade $(LOCK_TARGET) requirements/fastchat.in -o requirements/fastchat.txt
+	$(UV) pip compile -q --upgrade $(LOCK_TARGET) requirements/fastchat-worker.in \
+		-c requirements/torch.in $(TORCH_SOURCE) -o requirements/fastchat-worker.txt
+	$(UV) pip compile -q --upgrade $(LOCK_TARGET) requirements/vllm.in \
+		-c requirements/torch.in $(TORCH_SOURCE) -o requirements/vllm.txt
 	$(MAKE) test
 
 clean-venv:

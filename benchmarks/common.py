@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound."""
+"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound,
+services. torch is imported where it is used, so that a load-generating client that needs none
+(benchmarks/serving.py) starts in a second instead of five."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from torch import nn
 
 
 def build_random_model(arch: str, root: Path, hidden: int, layers: int, heads: int,
@@ -35,6 +35,8 @@ def build_random_model(arch: str, root: Path, hidden: int, layers: int, heads: i
 
 
 def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high + 1, (count,), generator=g).tolist()
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -47,6 +49,9 @@ def matmul_bound_seconds(hf_config, prefill_tokens: int, decode_tokens: int, dty
 
     The matmuls are those of the engine's own model for `hf_config`, read off its linear
     layers (built on the meta device), so any architecture the engine serves is measured."""
+    import torch
+    from torch import nn
+
     from pagedserve.engine.model_loader import meta_model
 
     model = meta_model(hf_config)
@@ -97,15 +102,17 @@ def free_port() -> int:
 
 
 class Service:
-    """A server subprocess, ready when `ready_path` answers 200; always stopped. With
-    wait=False the constructor only starts it (so that several start side by side) and
-    `wait_ready()` waits."""
+    """A server subprocess, ready when `ready_path` answers 200 (within `ready_timeout`
+    seconds); always stopped. With wait=False the constructor only starts it (so that several
+    start side by side) and `wait_ready()` waits."""
 
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str, work: Path,
-                 env: dict[str, str] | None = None, wait: bool = True) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, wait: bool = True,
+                 ready_timeout: float = 120) -> None:  # fmt: skip
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
+        self.ready_timeout = ready_timeout
         self.log = work / f"{name}.log"
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -117,7 +124,7 @@ class Service:
 
     def wait_ready(self) -> None:
         name, log, ready_path = self.name, self.log, self.ready_path
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited while starting; see {log}")
@@ -128,7 +135,7 @@ class Service:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{name} not ready within 120 s; see {log}")
+                raise TimeoutError(f"{name} not ready within {self.ready_timeout:.0f} s; see {log}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -143,3 +150,12 @@ class Service:
 
 def pagedserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "pagedserve.deploy.cli", *args]
+
+
+def wait_for_workers(controller_url: str, count: int, timeout: float = 30) -> None:
+    """Until a pagedserve controller lists `count` workers."""
+    deadline = time.monotonic() + timeout
+    while len(httpx.get(controller_url + "/workers").json()["workers"]) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers did not register within {timeout:.0f} s")
+        time.sleep(0.1)

@@ -49,6 +49,7 @@ from benchmarks.common import (
     pagedserve,
     percentile,
     print_table,
+    wait_for_workers,
     write_json,
 )
 from benchmarks.peers import fastchat_python
@@ -359,11 +360,7 @@ def main() -> None:
         repo = str(Path(__file__).resolve().parent.parent)  # the stub runs from this folder
         worker = Service("worker", argv, port, "/ready", work, env={"PYTHONPATH": repo})
         services.append(worker)
-        deadline = time.monotonic() + 15
-        while not httpx.get(controller.url + "/workers").json()["workers"]:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the worker did not register")
-            time.sleep(0.1)
+        wait_for_workers(controller.url, 1, timeout=15)
         port = free_port()
         workers = ["--workers", str(args.gateway_workers)] if args.gateway_workers > 1 else []
         gateway = Service("gateway", pagedserve(

