@@ -12,8 +12,8 @@ from collections import Counter
 
 import httpx
 import pytest
-from conftest import Ledger, scaled
 from control_stack import MODEL, ControlStack
+from ledger import Ledger, scaled
 from servers import wait_until
 
 CLIENT_TIMEOUT = 30.0  # far above any answer here: reaching it means a request hung

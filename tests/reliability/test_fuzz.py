@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Ledger, scaled
 from control_stack import MODEL, ControlStack
 from fuzzing import fuzz_openapi
+from ledger import Ledger, scaled
 
 CASES = scaled(80, 400)  # per service: 240 in the bounded run, 1,200 in the full one
 # Generated requests may ask for at most this much work, so that a bounded number of cases

@@ -9,8 +9,8 @@ import threading
 import time
 
 import httpx
-from conftest import Ledger, scaled
 from control_stack import MODEL, ControlStack, completion
+from ledger import Ledger, scaled
 from servers import metric, wait_until
 
 LIMIT = 2

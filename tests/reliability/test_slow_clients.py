@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from conftest import Ledger, scaled
 from control_stack import HEADER_TIMEOUT, ControlStack, rss_bytes
+from ledger import Ledger, scaled
 from servers import ServerProcess, ui_process
 
 BODY = 10 * 1000 * 1000

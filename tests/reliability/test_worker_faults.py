@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Ledger, scaled
+from ledger import Ledger, scaled
 from live_stack import (
     EXPIRY,
     Outcome,
