@@ -86,16 +86,22 @@ class Pool:
 
     async def post(self, path: str, payload: dict, timeout: float) -> tuple[int, dict]:
         port, conn = await self._free.get()
+        body = json.dumps(payload).encode()
         try:
-            status, body = await asyncio.wait_for(
-                conn.post(path, json.dumps(payload).encode()), timeout
-            )
+            try:
+                status, answer = await asyncio.wait_for(conn.post(path, body), timeout)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # the server closed a connection idle past its keep-alive timeout (5 s) as we
+                # sent on it: send again on a new one, as HTTP clients do
+                conn.close()
+                conn = await Connection.open(port)
+                status, answer = await asyncio.wait_for(conn.post(path, body), timeout)
         except BaseException:
             conn.close()
             self._free.put_nowait((port, await Connection.open(port)))
             raise
         self._free.put_nowait((port, conn))
-        return status, json.loads(body)
+        return status, json.loads(answer)
 
     def close(self) -> None:
         while not self._free.empty():

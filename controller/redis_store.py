@@ -116,6 +116,16 @@ def _decode(raw: dict[str, str]) -> WorkerInfo:
     return WorkerInfo.model_validate({k: json.loads(v) for k, v in raw.items()})
 
 
+class _LoadBatch:
+    """The workers whose load fields one read will get, for the dispatches awaiting it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # read, so that a failure every waiter gave up on is not reported as unretrieved
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 class _Unwritten:
     """Heartbeats and dispatch counts answered from the view, not yet written to Redis."""
 
@@ -154,6 +164,8 @@ class RedisStore(WorkerStore):
         self._writing: _Unwritten | None = None  # in a pipeline that has not answered yet
         self._writer: asyncio.Task[None] | None = None
         self._failure: StoreError | None = None  # how the last refresh failed, if it did
+        self._load_batch: _LoadBatch | None = None  # workers whose loads the next read gets
+        self._load_reads: set[asyncio.Task[None]] = set()
 
     @property
     def view(self) -> WorkerIndex:
@@ -261,12 +273,35 @@ class RedisStore(WorkerStore):
         }
 
     async def refresh_load(self, workers: Sequence[WorkerInfo]) -> None:
-        with _store_errors(self.url):
-            loads = await self._load_fields([w.worker_name for w in workers])
-        for w in workers:
-            for name, value in loads.get(w.worker_name, {}).items():
-                setattr(w, name, value)
+        """Dispatches that ask while a read is being gathered share it: the read starts at the
+        event loop's next turn, with every worker asked for by then, so many concurrent
+        dispatches cost one round trip (each still sees loads read after it asked)."""
+        if self._load_batch is None:
+            self._load_batch = _LoadBatch()
+            asyncio.get_running_loop().call_soon(self._read_load_batch)
+        batch = self._load_batch
+        batch.names.update(w.worker_name for w in workers)
+        await asyncio.shield(batch.done)
+
+    def _read_load_batch(self) -> None:
+        batch, self._load_batch = self._load_batch, None
+        task = asyncio.ensure_future(self._apply_loads(batch))
+        self._load_reads.add(task)  # a reference, until it is done
+        task.add_done_callback(self._load_reads.discard)
+
+    async def _apply_loads(self, batch: _LoadBatch) -> None:
+        try:
+            with _store_errors(self.url):
+                loads = await self._load_fields(sorted(batch.names))
+        except StoreError as e:
+            batch.done.set_exception(e)
+            return
+        for name, fields in loads.items():
+            if (w := self._index.get(name)) is not None:
+                for field_name, value in fields.items():
+                    setattr(w, field_name, value)
         self._lay_unwritten_over(self._index, loads)
+        batch.done.set_result(None)
 
     @property
     def _names_key(self) -> str:

@@ -392,6 +392,41 @@ def test_a_refresh_keeps_writes_not_yet_written_behind(
     asyncio.run(body())
 
 
+def test_concurrent_load_refreshes_share_one_read(redis_server: RedisServer) -> None:
+    """A small pool's loads are read per dispatch; 32 dispatches at once cost one round trip,
+    and each sees what another replica wrote before it asked."""
+    from pagedserve.controller.redis_store import RedisStore
+
+    async def body() -> None:
+        prefix = f"test{next(_prefixes)}"
+        store, other = RedisStore(redis_server.url, prefix), RedisStore(redis_server.url, prefix)
+        try:
+            for i in range(1, 4):
+                await store.put(worker(f"http://127.0.0.1:{i}"))
+            await other.update("http://127.0.0.1:2", {"queue_length": 5})
+            calls = 0
+            real = store._load_fields
+
+            async def counting(names):
+                nonlocal calls
+                calls += 1
+                return await real(names)
+
+            store._load_fields = counting
+            pool = store.view.candidates("m")
+            await asyncio.gather(*(store.refresh_load(pool) for _ in range(32)))
+            assert calls == 1
+            assert [w.queue_length for w in pool] == [0, 5, 0]
+            await other.update("http://127.0.0.1:3", {"queue_length": 7})
+            await store.refresh_load(pool)
+            assert calls == 2 and [w.queue_length for w in pool] == [0, 5, 7]
+        finally:
+            await store.close()
+            await other.close()
+
+    asyncio.run(body())
+
+
 def test_redis_store_down_raises_store_error(tmp_path: Path) -> None:
     from servers import free_port
 
