@@ -157,6 +157,8 @@ class RedisStore(WorkerStore):
         self._loads = self._redis.register_script(_READ_LOADS)
         self._index = WorkerIndex()
         self._replay: list[Callable[[WorkerIndex], object]] | None = None  # during a refresh
+        # workers whose load this process learned during a refresh: fresher than its reads
+        self._touched: set[str] | None = None
         self._seen: str | None = None  # the last change read; None: reload everything
         self._changes_read = 0  # how many entries the stream had up to `_seen`
         self._load_cursor = 0  # where the next slice of load fields starts
@@ -177,6 +179,12 @@ class RedisStore(WorkerStore):
         if self._replay is not None:
             self._replay.append(change)
 
+    def _touch(self, worker_name: str) -> None:
+        """This process just learned the worker's load: a refresh under way, whose reads may be
+        older, must not overwrite it."""
+        if self._touched is not None:
+            self._touched.add(worker_name)
+
     def _lay_unwritten_over(self, index: WorkerIndex, names: Iterable[str]) -> None:
         names = list(names)
         for batch in (self._writing, self._unwritten):  # oldest first
@@ -187,7 +195,7 @@ class RedisStore(WorkerStore):
         """Read what other replicas wrote, then apply it all in one synchronous step: the
         unwritten writes laid over the workers just read, then this process's own writes made
         while the reads awaited (the view kept serving them)."""
-        self._replay = []
+        self._replay, self._touched = [], set()
         try:
             with _store_errors(self.url):
                 last, added, length = await self._stream_position()
@@ -207,7 +215,8 @@ class RedisStore(WorkerStore):
                 elif index is self._index:
                     index.put(info)
             for name, fields in loads.items():
-                index.update(name, fields)
+                if name not in self._touched:  # else a heartbeat or a read came after ours
+                    index.update(name, fields)
             self._lay_unwritten_over(index, {*workers, *loads})
             for change in self._replay:
                 change(index)
@@ -218,7 +227,7 @@ class RedisStore(WorkerStore):
         else:
             self._failure = None
         finally:
-            self._replay = None
+            self._replay = self._touched = None
 
     async def _stream_position(self) -> tuple[str, int | None, int]:
         """The change stream's last entry id, how many entries it ever had, and has now."""
@@ -300,6 +309,7 @@ class RedisStore(WorkerStore):
             if (w := self._index.get(name)) is not None:
                 for field_name, value in fields.items():
                     setattr(w, field_name, value)
+            self._touch(name)
         self._lay_unwritten_over(self._index, loads)
         batch.done.set_result(None)
 
@@ -378,6 +388,7 @@ class RedisStore(WorkerStore):
         ):
             return await self.update(worker_name, fields, worker_id)
         self._index.update(worker_name, _checked(fields))
+        self._touch(worker_name)
         queued = self._unwritten.updates.get(worker_name)
         merged = {**queued[0], **fields} if queued else fields
         self._unwritten.updates[worker_name] = (merged, worker_id)
@@ -388,6 +399,7 @@ class RedisStore(WorkerStore):
 
     async def incr_dispatched(self, worker_name: str) -> bool:
         if self._index.incr_dispatched(worker_name):
+            self._touch(worker_name)
             self._unwritten.dispatched[worker_name] += 1
             self._write_soon()
             return True

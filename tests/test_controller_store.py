@@ -427,6 +427,40 @@ def test_concurrent_load_refreshes_share_one_read(redis_server: RedisServer) -> 
     asyncio.run(body())
 
 
+def test_a_refresh_never_undoes_a_load_learned_while_it_read(redis_server: RedisServer) -> None:
+    """A heartbeat answered and written while a refresh awaited its reads is newer than what
+    the refresh read: the view keeps it (a dispatch right after must see the load)."""
+    from pagedserve.controller.redis_store import RedisStore
+
+    async def body() -> None:
+        store = RedisStore(redis_server.url, prefix=f"test{next(_prefixes)}")
+        name = "http://127.0.0.1:1"
+        try:
+            await store.put(worker())
+            await store.refresh_view()
+            read, learned = asyncio.Event(), asyncio.Event()
+            real = store._read_loads
+
+            async def reads_then_waits(names):
+                loads = await real(names)
+                read.set()
+                await learned.wait()
+                return loads
+
+            store._read_loads = reads_then_waits
+            refresh = asyncio.create_task(store.refresh_view())
+            await read.wait()  # the refresh has read queue_length 0
+            assert await store.record_heartbeat(name, {"queue_length": 3, "dispatched": 0})
+            await store.flush()  # written: no longer laid over by the refresh
+            learned.set()
+            await refresh
+            assert store.view.get(name).queue_length == 3
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
 def test_redis_store_down_raises_store_error(tmp_path: Path) -> None:
     from servers import free_port
 
