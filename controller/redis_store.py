@@ -325,6 +325,15 @@ class RedisStore(WorkerStore):
     def _changes_key(self) -> str:
         return f"{self.prefix}:changes"
 
+    async def _update_if_exists(
+        self, worker_name: str, fields: dict[str, Any], worker_id: str | None, client: Any = None
+    ) -> Any:
+        """Run _UPDATE_IF_EXISTS (queued on `client` when it is a pipeline)."""
+        expected = "" if worker_id is None else json.dumps(worker_id)
+        args = [expected, worker_name, *(x for kv in _encode(fields).items() for x in kv)]
+        keys = [self._key(worker_name), self._beats_key, self._changes_key]
+        return await self._update(keys=keys, args=args, client=client)
+
     def _log_change(self, pipe: Any, worker_name: str) -> None:
         pipe.xadd(self._changes_key, {"w": worker_name}, maxlen=_CHANGES_MAXLEN, approximate=True)
 
@@ -368,11 +377,8 @@ class RedisStore(WorkerStore):
         if not fields:
             known = await self.get(worker_name)
             return known is not None and worker_id in (None, known.worker_id)
-        expected = "" if worker_id is None else json.dumps(worker_id)
-        args = [expected, worker_name, *(x for kv in _encode(_checked(fields)).items() for x in kv)]
-        keys = [self._key(worker_name), self._beats_key, self._changes_key]
         with _store_errors(self.url):
-            exists = bool(await self._update(keys=keys, args=args))
+            exists = bool(await self._update_if_exists(worker_name, _checked(fields), worker_id))
         if exists:
             self._local(lambda index: index.update(worker_name, fields))
         return exists
@@ -426,10 +432,7 @@ class RedisStore(WorkerStore):
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name, (fields, worker_id) in batch.updates.items():
-                    expected = "" if worker_id is None else json.dumps(worker_id)
-                    args = [expected, name, *(x for kv in _encode(fields).items() for x in kv)]
-                    keys = [self._key(name), self._beats_key, self._changes_key]
-                    await self._update(keys=keys, args=args, client=pipe)
+                    await self._update_if_exists(name, fields, worker_id, client=pipe)
                 for name, count in batch.dispatched.items():
                     await self._incr(keys=[self._key(name)], args=[count], client=pipe)
                 await pipe.execute()
