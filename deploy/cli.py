@@ -177,6 +177,9 @@ def worker(
     no_register: bool = typer.Option(
         False, "--no-register", help="Run alone: do not register with a controller."
     ),
+    worker_id: str | None = typer.Option(
+        None, help="Id to register under (a supervisor's name for it).", show_default="random"
+    ),
     heartbeat_interval: float = typer.Option(10.0, help="Seconds between heartbeats."),
     drain_timeout: float = typer.Option(
         30.0, help="On SIGTERM, seconds to let requests in flight finish."
@@ -205,6 +208,7 @@ def worker(
             port=port,
             controller_address=None if no_register else controller_address,
             worker_address=worker_address,
+            worker_id=worker_id,
             heartbeat_interval=heartbeat_interval,
             drain_timeout=drain_timeout,
             chat_template=chat_template,

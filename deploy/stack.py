@@ -40,6 +40,7 @@ class Service:
     argv: list[str]
     ready_url: str
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -50,7 +51,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
-                env={**os.environ, "PYTHONSAFEPATH": "1"},
+                env={**os.environ, **self.env, "PYTHONSAFEPATH": "1"},
             )
 
     def alive(self) -> bool:

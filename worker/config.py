@@ -24,6 +24,9 @@ class WorkerConfig:
     controller_address: str | None = "http://127.0.0.1:21001"
     # The URL the controller and clients use to reach this worker; default http://HOST:PORT.
     worker_address: str | None = None
+    # The id it registers under; None: a random one. A supervisor names its replicas, so that
+    # a restarted replica keeps its id.
+    worker_id: str | None = None
     heartbeat_interval: float = 10.0
     # On SIGTERM: seconds to let requests in flight finish before they are aborted.
     drain_timeout: float = 30.0
@@ -48,6 +51,8 @@ class WorkerConfig:
             raise ValueError(f"model_names must not contain empty names; got {self.model_names}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535; got {self.port}")
+        if self.worker_id is not None and not 0 < len(self.worker_id) <= 128:
+            raise ValueError("worker_id must be 1 to 128 characters")
         if self.heartbeat_interval <= 0:
             raise ValueError(
                 f"heartbeat_interval must be > 0 seconds; got {self.heartbeat_interval}"

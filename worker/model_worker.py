@@ -45,7 +45,7 @@ class ModelWorker:
         self, config: WorkerConfig, client: httpx.AsyncClient, engine_factory: EngineFactory
     ) -> None:
         self.config = config
-        self.worker_id = uuid.uuid4().hex[:12]
+        self.worker_id = config.worker_id or uuid.uuid4().hex[:12]
         self.client = client
         self.engine_factory = engine_factory
         self.state = "loading"
