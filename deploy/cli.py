@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from pagedserve.deploy.admin_cli import status as admin_status
+from pagedserve.deploy.admin_cli import workers_app
 from pagedserve.deploy.engine_options import engine_options
 
 # The same policies for the gateway and the controller (pagedserve/controller/dispatch.py).
@@ -23,6 +25,8 @@ models_app = typer.Typer(help="Fetch and list ready-made models.", no_args_is_he
 app.add_typer(models_app, name="models")
 arena_app = typer.Typer(help="Export and import the arena's votes.", no_args_is_help=True)
 app.add_typer(arena_app, name="arena")
+app.add_typer(workers_app, name="workers")
+app.command("status")(admin_status)
 
 
 @app.callback()
@@ -62,6 +66,28 @@ def demo(
     try:
         run_demo(wait=wait)
     except (RuntimeError, TimeoutError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def serve(
+    config: Path | None = typer.Option(
+        None, "--config", help="A stack file (deploy/stack.example.yaml).", show_default="the demo"
+    ),
+) -> None:
+    """Run the stack a file describes, supervised (restarts, scaling: `workers --help`).
+
+    Without --config it runs the demo."""
+    if config is None:
+        demo(wait=True)
+        return
+    from pagedserve.deploy.stack_config import ConfigError, load_stack_config
+    from pagedserve.deploy.supervisor import SupervisorError, run_stack
+
+    try:
+        run_stack(load_stack_config(config))
+    except (ConfigError, SupervisorError, RuntimeError, TimeoutError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
 

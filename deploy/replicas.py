@@ -115,9 +115,11 @@ class LocalLauncher(Launcher):
         self.base_port = base_port
         self.log_dir = log_dir
         self._taken: set[int] = set()
+        self._last_port: dict[str, int] = {}  # a restarted replica keeps its address if it can
 
     def launch(self, launch: WorkerLaunch) -> Replica:
-        port = self._free_port()
+        port = self._free_port(self._last_port.get(launch.replica_id))
+        self._last_port[launch.replica_id] = port
         address = f"http://{self.host}:{port}"
         argv = [sys.executable, "-m", "pagedserve.deploy.cli", "worker", *launch.args,
                 "--host", self.host, "--port", str(port), "--worker-id", launch.replica_id]  # fmt: skip
@@ -133,9 +135,16 @@ class LocalLauncher(Launcher):
     def close(self) -> None:
         pass  # nothing held beyond the replicas
 
-    def _free_port(self) -> int:
+    def _free_port(self, preferred: int | None) -> int:
+        if (
+            preferred is not None
+            and preferred not in self._taken
+            and bindable(self.host, preferred)
+        ):
+            self._taken.add(preferred)
+            return preferred
         port = self.base_port
-        while port in self._taken or not _bindable(self.host, port):
+        while port in self._taken or not bindable(self.host, port):
             port += 1
             if port > 65535:
                 raise LaunchError(f"no free port from {self.base_port} up on {self.host}")
@@ -143,8 +152,11 @@ class LocalLauncher(Launcher):
         return port
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
+    """Whether a server could listen there now (with SO_REUSEADDR, as uvicorn does: a port
+    whose last connections linger in TIME_WAIT is free)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
