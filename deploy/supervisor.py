@@ -375,7 +375,7 @@ class Supervisor:
                 self._crashed(replica, code)
                 await self._unregister(handle.address)
             elif replica.state == "starting":
-                if await self._answers_ready(handle.address):
+                if await self._serving(replica.replica_id, handle.address):
                     replica.state = "ready"
                     logger.info("%s is ready", replica.replica_id)
                 elif now - replica.started_at > READY_TIMEOUT:
@@ -410,9 +410,17 @@ class Supervisor:
                 f"{self.controller_url}/unregister_worker", json={"worker_name": address}
             )
 
-    async def _answers_ready(self, address: str) -> bool:
+    async def _serving(self, replica_id: str, address: str) -> bool:
+        """Ready, and registered at the controller: requests can reach it."""
         with contextlib.suppress(httpx.HTTPError):
-            return (await self.client.get(f"{address}/ready", timeout=2.0)).status_code == 200
+            if (await self.client.get(f"{address}/ready", timeout=2.0)).status_code != 200:
+                return False
+            return any(
+                w["worker_id"] == replica_id
+                and w["worker_name"] == address
+                and w["status"] == "ready"
+                for w in await self.controller_workers()
+            )
         return False
 
     def _tick_services(self) -> None:
