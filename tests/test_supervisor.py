@@ -385,3 +385,22 @@ def test_the_admin_api_wants_the_control_token_when_one_is_set(
 
     with pytest.raises(ValueError, match="beyond this machine: set control_token"):
         StackConfig(admin={"host": "0.0.0.0"}, control_token=None)
+
+
+def test_restarts_back_off_and_five_quick_crashes_are_a_crash_loop(tmp_path: Path) -> None:
+    from pagedserve.deploy.replicas import LocalLauncher
+    from pagedserve.deploy.stack_config import StackConfig
+    from pagedserve.deploy.supervisor import BACKOFF_MAX, CRASH_WINDOW, ManagedReplica, Supervisor
+
+    supervisor = Supervisor(StackConfig(log_dir=tmp_path), LocalLauncher("127.0.0.1", 1, tmp_path))
+    replica = ManagedReplica("m-0", "m")
+    delays = []
+    for _ in range(7):
+        before = time.monotonic()
+        supervisor._crashed(replica, 1)
+        delays.append(round(replica.restart_at - before))
+        assert replica.state == ("crash-loop" if len(replica.crashes) >= 5 else "backoff")
+    assert delays == [1, 2, 4, 8, 16, BACKOFF_MAX, BACKOFF_MAX]
+    replica.crashes = type(replica.crashes)([time.monotonic() - CRASH_WINDOW - 1] * 6)
+    supervisor._crashed(replica, 1)  # the old crashes fell out of the window: a fresh start
+    assert replica.state == "backoff" and round(replica.restart_at - time.monotonic()) == 1
