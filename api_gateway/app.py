@@ -99,6 +99,8 @@ def _ctx(request: Request) -> RequestContext:
 
 def create_app(config: GatewayConfig) -> FastAPI:
     keys = KeyRing.load(config.api_keys_file) if config.api_keys_file else None
+    if keys is not None and config.control_token and config.control_token in keys:
+        raise ValueError("the control token must not also be an API key (it opens the workers)")
     concurrency = ConcurrencyLimiter(config.max_concurrent_requests)
     breakers = CircuitBreakers(config.breaker_threshold, config.breaker_cooldown)
     metrics = GatewayMetrics(
@@ -117,7 +119,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = make_client(
-            config.connect_timeout, max_keepalive=min(config.max_concurrent_requests, 512)
+            config.connect_timeout,
+            max_keepalive=min(config.max_concurrent_requests, 512),
+            control_token=config.control_token,
         )
         limiter = make_rate_limiter(config.redis_url, config.redis_prefix + ":ratelimit")
         table = RoutingTable(
@@ -161,6 +165,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 len(keys) if keys else "off",
                 "redis" if config.redis_url else "memory",
             )
+            logger.info("control token: %s", "on" if config.control_token else "off")
             yield
         finally:
             await table.stop()

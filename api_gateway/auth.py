@@ -90,6 +90,9 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, secret: str) -> bool:
+        return _digest(secret) in self._keys
+
     def has_rate_limits(self) -> bool:
         return any(k.rpm is not None or k.tpm is not None for k in self._keys.values())
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.controller.dispatch import check_policy_name
+from pagedserve.controller.protocol import check_control_token
 
 # The protocol refuses n > 16 for every server (api_gateway/protocol.py).
 PROTOCOL_MAX_N = 16
@@ -51,8 +52,12 @@ class GatewayConfig:
     controller_timeout: float = 3.0
     # Which worker gets a request: see controller/dispatch.py (the controller's policies).
     routing_policy: str = "least_load"
+    # Shared control-plane token (controller/protocol.py), presented on every call to the
+    # controller and the workers; never an API key. None: none presented. Kept out of repr.
+    control_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        check_control_token(self.control_token)
         if not self.controller_address.startswith(("http://", "https://")):
             raise ValueError(
                 f"controller_address must be an http(s) URL; got {self.controller_address!r}"

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from pagedserve.controller.protocol import control_headers
+
 _READ_SIZE = 64 << 10
 _NO_BODY_STATUS = (204, 304)
 
@@ -299,10 +301,15 @@ class _StaleConnection(Exception):
 
 
 class UpstreamClient(httpx.AsyncClient):
-    """httpx's client, plus `send_direct` for the gateway's per-request hop to a worker."""
+    """httpx's client, plus `send_direct` for the gateway's per-request hop to a worker. Every
+    call, direct or not, presents the control token when there is one (and only it: a client's
+    own Authorization header, its API key, is never passed on)."""
 
-    def __init__(self, transport: Http11Transport, **kwargs) -> None:
-        super().__init__(transport=transport, **kwargs)
+    def __init__(
+        self, transport: Http11Transport, control_token: str | None = None, **kwargs
+    ) -> None:
+        self.control = control_headers(control_token)
+        super().__init__(transport=transport, headers=self.control, **kwargs)
         self.transport = transport
         self.timeouts = self.timeout.as_dict()
 
@@ -311,12 +318,17 @@ class UpstreamClient(httpx.AsyncClient):
     ) -> httpx.Response:
         """POST `body`: the answer's head, its body to stream (read it, then aclose). No
         httpx.Request, redirects, auth, cookies or event hooks."""
+        if self.control:
+            headers = {**headers, **self.control}
         return await self.transport.post(url, body, headers, self.timeouts)
 
 
-def make_client(connect_timeout: float, max_keepalive: int) -> UpstreamClient:
+def make_client(
+    connect_timeout: float, max_keepalive: int, control_token: str | None = None
+) -> UpstreamClient:
     """No read timeout: the gateway bounds first bytes and whole requests itself."""
     return UpstreamClient(
         Http11Transport(max_keepalive),
+        control_token,
         timeout=httpx.Timeout(None, connect=connect_timeout, pool=connect_timeout),
     )

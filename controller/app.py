@@ -24,6 +24,7 @@ from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest, make_poli
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.monitor import Monitor
 from pagedserve.controller.protocol import (
+    ControlTokenGate,
     DrainResponse,
     ErrorCode,
     HeartbeatRequest,
@@ -35,6 +36,7 @@ from pagedserve.controller.protocol import (
     UnregisterWorkerRequest,
     WorkerAddressResponse,
     WorkersResponse,
+    control_headers,
 )
 from pagedserve.controller.registry import Controller, WorkerUnreachable
 from pagedserve.controller.store import StoreError, make_store
@@ -49,6 +51,30 @@ def error_response(status: int, code: ErrorCode, text: str, framed: bool = False
     if framed:
         return Response(body + b"\0", status_code=status, media_type="application/octet-stream")
     return Response(body, status_code=status, media_type="application/json")
+
+
+# With a control token, every other path needs it: registration, heartbeats, the admin routes
+# and the generate proxy (and the API docs). These stay open for FastChat's clients and probes.
+OPEN_PATHS = frozenset(
+    {
+        "/list_models",
+        "/list_multimodal_models",
+        "/list_language_models",
+        "/get_worker_address",
+        "/test_connection",
+        "/health",
+        "/metrics",
+    }
+)
+
+
+def unauthorized(scope: dict) -> Response:
+    text = (
+        "this controller needs the control token: Authorization: Bearer TOKEN "
+        "(--control-token or $PAGEDSERVE_CONTROL_TOKEN)"
+    )
+    framed = scope["path"].endswith("generate_stream")
+    return error_response(401, ErrorCode.INVALID_AUTH_KEY, text, framed)
 
 
 def validation_text(exc: RequestValidationError | ValidationError) -> str:
@@ -70,9 +96,10 @@ def create_app(config: ControllerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = make_store(config.redis_url, config.redis_prefix)
-        client = httpx.AsyncClient(
+        client = httpx.AsyncClient(  # presents the control token on every call to a worker
             timeout=httpx.Timeout(10.0, connect=5.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            headers=control_headers(config.control_token),
         )
         try:
             await store.ping()
@@ -88,6 +115,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
                 "redis" if config.redis_url else "memory",
                 config.heartbeat_expiration,
             )
+            logger.info("control token: %s", "on" if config.control_token else "off")
             try:
                 yield
             finally:
@@ -100,6 +128,13 @@ def create_app(config: ControllerConfig) -> FastAPI:
     app = FastAPI(title="pagedserve controller", lifespan=lifespan, strict_content_type=False)
     app.state.config = config
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.control_token:  # outermost: a refused request's body is never read
+        app.add_middleware(
+            ControlTokenGate,
+            token=config.control_token,
+            open_paths=OPEN_PATHS,
+            refuse=unauthorized,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:

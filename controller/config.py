@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.controller.dispatch import check_policy_name
+from pagedserve.controller.protocol import check_control_token
 
 
 @dataclass
@@ -33,9 +34,13 @@ class ControllerConfig:
     # Its bodies are registrations, heartbeats and relayed generate requests (a gateway's 1 MiB
     # plus a resumed stream's token ids).
     max_body_bytes: int = 8 << 20
+    # Shared control-plane token (controller/protocol.py); None: every route open, as FastChat's.
+    # Kept out of repr so that logging a config never shows it.
+    control_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_policy_name(self.routing_policy)
+        check_control_token(self.control_token)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535; got {self.port}")
         if self.heartbeat_expiration <= 0:

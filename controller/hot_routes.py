@@ -7,7 +7,8 @@ models cost several times the work these routes do, so they are answered here: t
 validated with the same pydantic models (in pydantic's compiled JSON parser), the same
 `Controller` methods answer, and errors take the same form as the app's. The FastAPI app keeps
 its own routes for these paths, which document them in /openapi.json; every other path and
-method goes on to it.
+method goes on to it. With a control token, the heartbeat needs it here too (the app's
+ControlTokenGate is behind this).
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from pagedserve.controller.app import error_response, validation_text
+from pagedserve.controller.app import OPEN_PATHS, error_response, unauthorized, validation_text
 from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest
-from pagedserve.controller.protocol import ErrorCode, HeartbeatRequest, ModelRequest
+from pagedserve.controller.protocol import (
+    ControlTokenGate,
+    ErrorCode,
+    HeartbeatRequest,
+    ModelRequest,
+)
 from pagedserve.controller.registry import Controller
 from pagedserve.controller.store import StoreError
 
@@ -62,11 +68,16 @@ class HotRoutes:
         self.app = app
         # the app's own limit (its BodyLimit middleware), here in FastChat's error format
         self.max_body = app.state.config.max_body_bytes
+        token = app.state.config.control_token
+        self.gate = ControlTokenGate(app, token, OPEN_PATHS, unauthorized) if token else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         route = _ROUTES.get(scope["path"]) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
+            return
+        if self.gate is not None and not self.gate.allows(scope):
+            await unauthorized(scope)(scope, receive, send)
             return
         model, answer = route
         try:

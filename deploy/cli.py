@@ -18,6 +18,20 @@ ROUTING_POLICY_HELP = (
     "(the worker likely to hold the prompt's prefix in its cache, unless it is much busier)"
 )
 
+# The same shared token for the controller, the workers and the gateway (controller/protocol.py).
+CONTROL_TOKEN_HELP = (
+    "Shared control-plane token: required on the controller's and workers' non-public routes "
+    "and presented on this part's own calls, as Authorization: Bearer TOKEN; off if unset. "
+    "Set it in the environment rather than argv"
+)
+
+
+def control_token_option() -> Any:
+    return typer.Option(
+        None, envvar="PAGEDSERVE_CONTROL_TOKEN", show_default=False, help=CONTROL_TOKEN_HELP
+    )
+
+
 app = typer.Typer(
     help="pagedserve: serve many LLMs at once on a paged-KV engine.", no_args_is_help=True
 )
@@ -160,6 +174,7 @@ def controller(
         10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
     ),
     max_body_bytes: int = typer.Option(8 << 20, help="Largest request body (413 beyond)."),
+    control_token: str | None = control_token_option(),
 ) -> None:
     """Run the controller: the registry of workers and the dispatcher (FastChat-compatible)."""
     from pagedserve.controller.config import ControllerConfig
@@ -179,6 +194,7 @@ def controller(
             worker_api_timeout=worker_api_timeout,
             header_timeout=header_timeout,
             max_body_bytes=max_body_bytes,
+            control_token=control_token,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -219,6 +235,7 @@ def worker(
         10.0, help="Seconds a client has to send a request's headers (408 and close beyond)."
     ),
     max_body_bytes: int = typer.Option(8 << 20, help="Largest request body (413 beyond)."),
+    control_token: str | None = control_token_option(),
     **engine: Any,  # one flag per EngineConfig field, from engine_options
 ) -> None:
     """Run a model worker: one engine behind FastChat's worker API and OpenAI's API."""
@@ -241,6 +258,7 @@ def worker(
             header_timeout=header_timeout,
             max_body_bytes=max_body_bytes,
             engine=EngineConfig(model=model_path, **engine),
+            control_token=control_token,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -436,6 +454,7 @@ def gateway(
         "--max-concurrent-requests and /metrics are per process.",
     ),
     routing_policy: str = typer.Option("least_load", help=ROUTING_POLICY_HELP + "."),
+    control_token: str | None = control_token_option(),
 ) -> None:
     """Run the OpenAI-compatible API gateway in front of every model the controller knows."""
     from pagedserve.api_gateway.config import GatewayConfig
@@ -464,11 +483,14 @@ def gateway(
             breaker_cooldown=breaker_cooldown,
             routing_refresh_interval=routing_refresh_interval,
             routing_policy=routing_policy,
+            control_token=control_token,
         )
         if api_keys:
             from pagedserve.api_gateway.auth import KeyRing
 
-            KeyRing.load(api_keys)  # refuse a bad key file before starting
+            keys = KeyRing.load(api_keys)  # refuse a bad key file before starting
+            if control_token and control_token in keys:
+                raise ValueError("the control token must not also be an API key")
         check_workers(config, workers)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

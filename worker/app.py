@@ -29,7 +29,13 @@ from pagedserve.api_gateway.protocol import (
     ErrorResponse,
     ModelList,
 )
-from pagedserve.controller.protocol import CountTokenRequest, ErrorCode, GenerateParams
+from pagedserve.controller.protocol import (
+    ControlTokenGate,
+    CountTokenRequest,
+    ErrorCode,
+    GenerateParams,
+    control_headers,
+)
 from pagedserve.deploy.http_limits import BodyLimit
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.model_worker import EngineFactory, ModelWorker, default_engine_factory
@@ -60,6 +66,22 @@ def error_response(request: Request, e: RequestError) -> Response:
     return Response(payload, status_code=e.status, media_type="application/json")
 
 
+# With a control token, every other path needs it (the generate routes, status, templates, the
+# API docs); these stay open for probes and scrapers.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def unauthorized(scope: dict) -> Response:
+    text = (
+        "this worker needs the control token: Authorization: Bearer TOKEN "
+        "(--control-token or $PAGEDSERVE_CONTROL_TOKEN)"
+    )
+    e = RequestError(
+        401, text, error_code=ErrorCode.INVALID_AUTH_KEY, openai_code="invalid_api_key"
+    )
+    return error_response(Request(scope), e)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
@@ -79,7 +101,12 @@ Worker = Annotated[ModelWorker, Depends(_worker)]
 def create_app(config: WorkerConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        # Its calls go to the controller (controller_link.py), presenting the control token.
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, connect=5.0),
+            headers=control_headers(config.control_token),
+        )
+        logger.info("control token: %s", "on" if config.control_token else "off")
         worker = ModelWorker(config, client, engine_factory or default_engine_factory(config))
         worker.on_fatal = getattr(app.state, "on_fatal", None)
         app.state.worker = worker
@@ -97,6 +124,13 @@ def create_app(config: WorkerConfig, engine_factory: EngineFactory | None = None
     app = FastAPI(title="pagedserve worker", lifespan=lifespan, strict_content_type=False)
     app.state.config = config
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.control_token:  # outermost: a refused request's body is never read
+        app.add_middleware(
+            ControlTokenGate,
+            token=config.control_token,
+            open_paths=OPEN_PATHS,
+            refuse=unauthorized,
+        )
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, exc: RequestError) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagedserve.controller.protocol import check_control_token
 from pagedserve.engine.config import EngineConfig
 
 
@@ -40,8 +41,12 @@ class WorkerConfig:
     max_body_bytes: int = 8 << 20
     # The engine's settings, whose model is model_path; None: EngineConfig's defaults.
     engine: EngineConfig | None = None
+    # Shared control-plane token (controller/protocol.py): required on the generate routes and
+    # presented to the controller; None: every route open. Kept out of repr.
+    control_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        check_control_token(self.control_token)
         self.model_path = str(self.model_path)
         if not self.model_path:
             raise ValueError("model_path must name a model folder or file")

@@ -3,7 +3,8 @@
 A heartbeat carries the worker's load (queue length, running and waiting requests, KV use)
 and state (ready or draining). When the controller answers that it does not know the worker
 (it restarted, or expired the worker), the worker registers again at once. A controller that
-cannot be reached is retried every interval; the worker keeps serving meanwhile.
+cannot be reached is retried every interval; the worker keeps serving meanwhile. The control
+token, when there is one, rides on `client` (its default headers: worker/app.py).
 """
 
 from __future__ import annotations
