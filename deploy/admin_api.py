@@ -7,7 +7,6 @@ OpenAI's shape, as the gateway's do.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagedserve.api_gateway.errors import GatewayError
+from pagedserve.controller.protocol import check_bearer
 from pagedserve.deploy.stack_config import ModelSection
 from pagedserve.deploy.supervisor import Supervisor, SupervisorError
 
@@ -41,8 +41,8 @@ def create_admin_app(supervisor: Supervisor) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
         if token and request.url.path != "/admin/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            given = request.headers.get("authorization", "").encode()
+            if not check_bearer(given, token):
                 return _error(
                     401, "this supervisor wants its control token (Authorization: Bearer ...)"
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ from pagedserve.deploy.cli import app
 from pagedserve.deploy.stack_config import ConfigError, load_stack_config
 
 ENGINE = "{max_model_len: 1024, kv_cache_memory: 33554432}"
+TOKEN = secrets.token_hex(16)  # the module's stack runs with a control token
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @dataclass
@@ -40,12 +43,16 @@ class Stack:
     log: Path
     model_paths: dict[str, Path]
 
-    def cli(self, *args: str) -> tuple[int, str]:
-        result = CliRunner().invoke(app, [*args, "--admin-url", self.admin_url])
+    controller_url: str
+
+    def cli(self, *args: str, token: str | None = TOKEN) -> tuple[int, str]:
+        env = {"PAGEDSERVE_CONTROL_TOKEN": token} if token else {}
+        result = CliRunner().invoke(app, [*args, "--admin-url", self.admin_url], env=env)
         return result.exit_code, result.output
 
     def workers(self) -> list[dict]:
-        return httpx.get(f"{self.admin_url}/admin/workers", timeout=10).json()["workers"]
+        reply = httpx.get(f"{self.admin_url}/admin/workers", headers=AUTH, timeout=10)
+        return reply.json()["workers"]
 
     def ready(self, model: str) -> list[dict]:
         return [w for w in self.workers() if w["model"] == model and w["state"] == "ready"]
@@ -62,7 +69,7 @@ class Stack:
         return reply.json()
 
 
-def write_stack(tmp: Path, models: dict[str, Path], **ports: int) -> Path:
+def write_stack(tmp: Path, models: dict[str, Path], token: str | None = None, **ports: int) -> Path:
     entries = "\n".join(
         f"  - {{name: {name}, model_path: {path}, engine: {ENGINE}}}"
         for name, path in models.items()
@@ -74,7 +81,8 @@ def write_stack(tmp: Path, models: dict[str, Path], **ports: int) -> Path:
         f"log_dir: {tmp / 'logs'}\n"
         f"worker_base_port: {ports['workers']}\n"
         "cpu_threads_per_worker: 1\n"
-        f"models:\n{entries}\n"
+        + (f"control_token: {token}\n" if token else "")
+        + f"models:\n{entries}\n"
     )
     path = tmp / "stack.yaml"
     path.write_text(text)
@@ -101,9 +109,9 @@ def stack(
     ports = {"controller": free_port(), "gateway": free_port(), "admin": free_port(),
              "workers": 31000 + os.getpid() % 2000}  # fmt: skip
     log = tmp / "serve.log"
-    process = serve(write_stack(tmp, models, **ports), log)
+    process = serve(write_stack(tmp, models, TOKEN, **ports), log)
     s = Stack(process, f"http://127.0.0.1:{ports['admin']}", f"http://127.0.0.1:{ports['gateway']}",
-              log, models)  # fmt: skip
+              log, models, f"http://127.0.0.1:{ports['controller']}")  # fmt: skip
 
     def up() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
@@ -175,6 +183,19 @@ def _stream(gateway_url: str, model: str, max_tokens: int, result: StreamResult)
     except httpx.HTTPError as e:
         result.finish = f"error: {e}"
     result.ended = time.monotonic()
+
+
+def test_the_stack_runs_on_its_control_token(stack: Stack) -> None:
+    """Every part presents the token (the workers registered, the supervisor lists them);
+    whoever lacks it can neither register a worker nor use the admin commands."""
+    rogue = {"worker_name": "http://127.0.0.1:9", "check_heart_beat": False,
+             "worker_status": {"model_names": ["llama-a"]}}  # fmt: skip
+    reply = httpx.post(f"{stack.controller_url}/register_worker", json=rogue, timeout=10)
+    assert reply.status_code == 401
+    assert "http://127.0.0.1:9" not in {w["address"] for w in stack.workers()}
+    code, out = stack.cli("workers", "list", token=None)
+    assert code == 1 and "control token" in out
+    assert TOKEN not in stack.log.read_text()
 
 
 def test_scale_up_waits_for_ready_and_down_drains_without_losing_a_stream(stack: Stack) -> None:
