@@ -131,8 +131,11 @@ class ModelSection(_Section):
             raise ValueError(
                 f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_FIELDS))}"
             )
-        try:  # the dataclass's types and its own checks
-            _ENGINE.validate_python({"model": "-", **engine})
+        # The dataclass's types and its own checks; but whether CUDA is there is a question for
+        # the machine the worker lands on, not this one (a Ray head may have no GPU).
+        here = {**engine, "device": "auto"} if engine.get("device") == "cuda" else engine
+        try:
+            _ENGINE.validate_python({"model": "-", **here})
         except ValidationError as e:
             raise ValueError(
                 "; ".join(
