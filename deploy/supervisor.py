@@ -195,7 +195,7 @@ class Supervisor:
         if spec.autoscale is not None:
             from pagedserve.deploy.autoscaler import Autoscaler
 
-            self.autoscalers[spec.name] = Autoscaler(spec.autoscale)
+            self.autoscalers[spec.name] = Autoscaler(spec.autoscale, self.client)
         await self.scale(spec.name, spec.replicas, wait=wait)
         return group
 
