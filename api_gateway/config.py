@@ -51,6 +51,10 @@ class GatewayConfig:
     controller_timeout: float = 3.0
     # Which worker gets a request: see controller/dispatch.py (the controller's policies).
     routing_policy: str = "least_load"
+    # Scale from zero: a request for a model with no worker asks this supervisor (its admin
+    # API) to wake the model, and waits up to `cold_start_timeout` s for its first worker.
+    supervisor_url: str | None = None
+    cold_start_timeout: float = 180.0
 
     def __post_init__(self) -> None:
         if not self.controller_address.startswith(("http://", "https://")):
@@ -58,6 +62,12 @@ class GatewayConfig:
                 f"controller_address must be an http(s) URL; got {self.controller_address!r}"
             )
         self.controller_address = self.controller_address.rstrip("/")
+        if self.supervisor_url is not None:
+            if not self.supervisor_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"supervisor_url must be an http(s) URL; got {self.supervisor_url!r}"
+                )
+            self.supervisor_url = self.supervisor_url.rstrip("/")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535; got {self.port}")
         if self.redis_url is not None and not self.redis_url.startswith(
@@ -85,6 +95,7 @@ class GatewayConfig:
             "routing_refresh_interval",
             "controller_timeout",
             "header_timeout",
+            "cold_start_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)}")
