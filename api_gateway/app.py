@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from pagedserve.api_gateway.auth import ApiKey, KeyRing
 from pagedserve.api_gateway.circuit_breaker import CircuitBreakers
+from pagedserve.api_gateway.cold_start import ColdStarts
 from pagedserve.api_gateway.concurrency import ConcurrencyLimiter
 from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError
@@ -155,8 +156,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
             )
             limits = KeyRateLimits(limiter, lambda which: metrics.rate_limited.labels(which).inc())
             app.state.table = table
+            cold_starts = None
+            if config.supervisor_url is not None:
+                # the client presents the control token, which the supervisor may ask for
+                cold_starts = ColdStarts(
+                    client, table, config.supervisor_url, config.cold_start_timeout
+                )
             app.state.serving = GatewayServing(
-                config, client, table, forwarder, limits, concurrency, metrics
+                config, client, table, forwarder, limits, concurrency, metrics, cold_starts
             )
             logger.info(
                 "gateway ready: controller=%s routing=%s keys=%s limits=%s",

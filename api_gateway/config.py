@@ -55,6 +55,10 @@ class GatewayConfig:
     # Shared control-plane token (controller/protocol.py), presented on every call to the
     # controller and the workers; never an API key. None: none presented. Kept out of repr.
     control_token: str | None = field(default=None, repr=False)
+    # Scale from zero: a request for a model with no worker asks this supervisor (its admin
+    # API) to wake the model, and waits up to `cold_start_timeout` s for its first worker.
+    supervisor_url: str | None = None
+    cold_start_timeout: float = 180.0
 
     def __post_init__(self) -> None:
         check_control_token(self.control_token)
@@ -63,6 +67,12 @@ class GatewayConfig:
                 f"controller_address must be an http(s) URL; got {self.controller_address!r}"
             )
         self.controller_address = self.controller_address.rstrip("/")
+        if self.supervisor_url is not None:
+            if not self.supervisor_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"supervisor_url must be an http(s) URL; got {self.supervisor_url!r}"
+                )
+            self.supervisor_url = self.supervisor_url.rstrip("/")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535; got {self.port}")
         if self.redis_url is not None and not self.redis_url.startswith(
@@ -90,6 +100,7 @@ class GatewayConfig:
             "routing_refresh_interval",
             "controller_timeout",
             "header_timeout",
+            "cold_start_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)}")

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from pagedserve.api_gateway.cold_start import ColdStarts
 from pagedserve.api_gateway.concurrency import ConcurrencyLimiter, Slot
 from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError, invalid_body
@@ -101,8 +102,10 @@ class GatewayServing:
         limits: KeyRateLimits,
         concurrency: ConcurrencyLimiter,
         metrics: GatewayMetrics,
+        cold_starts: ColdStarts | None = None,
     ) -> None:
         self.config = config
+        self.cold_starts = cold_starts  # None: no supervisor, a model without workers is 404
         self.client = client
         self.table = table
         self.forwarder = forwarder
@@ -224,11 +227,15 @@ class GatewayServing:
     # -- route ------------------------------------------------------------------------------
 
     async def _route(self, model: str, ctx: RequestContext) -> list[WorkerView]:
+        allowed = ctx.key is None or ctx.key.allows(model)
         workers = self.table.workers(model)
         if not workers:
             await self.table.refresh_soon()
             workers = self.table.workers(model)
-        if not workers or (ctx.key is not None and not ctx.key.allows(model)):
+        if not workers and allowed and self.cold_starts is not None:
+            await self.cold_starts.wake(model)  # scaled to zero: held until a worker is up
+            workers = self.table.workers(model)
+        if not workers or not allowed:
             raise GatewayError(
                 404,
                 f"The model `{model}` does not exist or you do not have access to it.",

@@ -455,6 +455,14 @@ def gateway(
     ),
     routing_policy: str = typer.Option("least_load", help=ROUTING_POLICY_HELP + "."),
     control_token: str | None = control_token_option(),
+    supervisor_url: str | None = typer.Option(
+        None,
+        help="The supervisor's admin URL: a request for a model scaled to zero wakes it there "
+        "and waits for it (else such a model is 404).",
+    ),
+    cold_start_timeout: float = typer.Option(
+        180.0, help="Seconds a request waits for a model woken from zero (503 beyond)."
+    ),
 ) -> None:
     """Run the OpenAI-compatible API gateway in front of every model the controller knows."""
     from pagedserve.api_gateway.config import GatewayConfig
@@ -484,6 +492,8 @@ def gateway(
             routing_refresh_interval=routing_refresh_interval,
             routing_policy=routing_policy,
             control_token=control_token,
+            supervisor_url=supervisor_url,
+            cold_start_timeout=cold_start_timeout,
         )
         if api_keys:
             from pagedserve.api_gateway.auth import KeyRing

@@ -137,7 +137,9 @@ class Supervisor:
         for spec in cfg.models:
             await self.add_model(spec, wait=False)
         gateway_args = ["gateway", "--controller-address", self.controller_url,
-                        "--routing-policy", cfg.gateway.routing_policy]  # fmt: skip
+                        "--routing-policy", cfg.gateway.routing_policy,
+                        "--supervisor-url", self.admin_url,
+                        "--cold-start-timeout", str(cfg.gateway.cold_start_timeout)]  # fmt: skip
         if cfg.gateway.api_keys:
             gateway_args += ["--api-keys", str(cfg.gateway.api_keys)]
         if cfg.gateway.redis_url:
@@ -195,7 +197,7 @@ class Supervisor:
         if spec.autoscale is not None:
             from pagedserve.deploy.autoscaler import Autoscaler
 
-            self.autoscalers[spec.name] = Autoscaler(spec.autoscale)
+            self.autoscalers[spec.name] = Autoscaler(spec.autoscale, self.client)
         await self.scale(spec.name, spec.replicas, wait=wait)
         return group
 
