@@ -104,8 +104,8 @@ class Supervisor:
             ui_port=config.arena.port,
             log_dir=config.log_dir,
         )
-        self.controller_url = f"http://{config.controller.host}:{config.controller.port}"
-        self.admin_url = f"http://{config.admin.host}:{config.admin.port}"
+        self.controller_url = local_url(config.controller.host, config.controller.port)
+        self.admin_url = local_url(config.admin.host, config.admin.port)
         self.models: dict[str, ModelGroup] = {}
         self.stopping = asyncio.Event()
         self.autoscalers: dict[str, Any] = {}  # model -> Autoscaler (autoscaler.py)
@@ -571,6 +571,11 @@ class Supervisor:
                     r.handle.kill()
         for service in self.stack.services:
             service.kill()
+
+
+def local_url(host: str, port: int) -> str:
+    """How this machine reaches a server bound to `host` (all interfaces: over loopback)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
 def engine_args(engine: dict[str, Any]) -> list[str]:
