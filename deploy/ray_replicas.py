@@ -38,13 +38,12 @@ if TYPE_CHECKING:  # the actors import this module: no torch for them (stack_con
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT = 5.0  # seconds for a cluster address to answer (Ray itself retries minutes)
+_CONNECT_TIMEOUT = 3.0  # seconds for a cluster address to answer (Ray itself retries a minute)
 _PLACE_TIMEOUT = 30.0  # seconds for Ray to place a worker's actor (or its group)
 _CALL_TIMEOUT = 5.0  # seconds an actor has to answer a poll
 # Set in Ray's own workers for Ray's own use; a process they start that joins the cluster as
 # a driver of its own must not carry them (Ray strips them from submitted jobs too).
 _RAY_INTERNAL_ENV = ("RAY_JOB_ID", "RAY_RAYLET_PID")
-_GCS_WAIT = "RAY_gcs_server_port_wait_time_s"  # how many times ray.init tries the cluster
 PLACEMENT_GROUP_ENV = "PAGEDSERVE_PLACEMENT_GROUP"  # as engine/executor.py reads it
 
 
@@ -220,8 +219,7 @@ def _connect(address: str):
         raise ValueError(f"the Ray address must be HOST:PORT, got {address!r}")
     hint = f"no Ray cluster answers at {address}; start one with `ray start --head`"
     try:
-        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT):
-            pass
+        _check_grpc(host, int(port))
     except OSError as e:
         raise LaunchError(f"{hint} ({e.strerror or e})") from e
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls home
@@ -230,9 +228,6 @@ def _connect(address: str):
 
     if ray.is_initialized():
         raise LaunchError("this process is connected to Ray already; one launcher a process")
-    # Something answers: a port that is not Ray's fails after one try rather than twenty.
-    wait = os.environ.get(_GCS_WAIT)
-    os.environ.setdefault(_GCS_WAIT, "1")
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -240,10 +235,22 @@ def _connect(address: str):
             " (a cluster with token authentication needs RAY_AUTH_MODE=token here)"
         )  # fmt: skip
         raise LaunchError(f"{hint}: {_first_line(e)}{auth}") from e
-    finally:
-        if wait is None:
-            os.environ.pop(_GCS_WAIT, None)
     return ray
+
+
+def _check_grpc(host: str, port: int) -> None:
+    """Raise OSError unless an HTTP/2 (gRPC) server answers at host:port within seconds, as
+    Ray's GCS does: it answers a client's connection preface with its SETTINGS frame."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+    with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT) as s:
+        s.settimeout(_CONNECT_TIMEOUT)
+        s.sendall(preface)
+        try:
+            frame = s.recv(9)
+        except TimeoutError:
+            raise OSError("it does not answer as a gRPC server does") from None
+        if len(frame) < 9 or frame[3] != 4:  # frame type 4: SETTINGS
+            raise OSError("it does not answer as a gRPC server does")
 
 
 def _free_port(host: str) -> int:

@@ -137,10 +137,18 @@ def _stop_replica(launcher, replica) -> None:
     launcher.release(replica)
 
 
-def test_a_dead_address_is_refused_within_seconds(tmp_path):
-    start = time.monotonic()
-    with pytest.raises(LaunchError, match=r"no Ray cluster answers at 127\.0\.0\.1:\d+; start one"):
-        RayLauncher(f"127.0.0.1:{_free_port()}", RaySection(address="x:1"), tmp_path)
+@pytest.mark.parametrize("listening", [False, True], ids=["closed-port", "silent-port"])
+def test_a_dead_address_is_refused_within_seconds(tmp_path, listening):
+    """Nothing there, or something that accepts and never answers (Ray would retry for
+    more than a minute)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        if listening:
+            s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(LaunchError, match=rf"no Ray cluster answers at {address}; start one"):
+            RayLauncher(address, RaySection(address=address), tmp_path)
     assert time.monotonic() - start < 10
 
 
