@@ -9,6 +9,10 @@ the engine is idle rank 0 sends a keep-alive so that the ranks' waits never reac
 rank dies, the next step (or the watcher, when idle) fails with `TensorParallelError` and
 every rank is stopped.
 
+A process that a launcher started inside a placement group it holds (deploy/ray_replicas.py)
+finds the group's id in $PAGEDSERVE_PLACEMENT_GROUP: bundle 0 is this process's, and ranks
+1..N-1 take bundles 1..N-1 of that group instead of a group of their own.
+
 Only this module imports Ray, and only when an engine with tensor_parallel_size > 1 starts.
 """
 
@@ -46,6 +50,7 @@ logger = logging.getLogger(__name__)
 _PLACEMENT_TIMEOUT = 30.0  # seconds to wait for Ray to place the ranks' bundles
 _START_TIMEOUT = 300.0  # seconds for the placed ranks' processes to start (import torch, ...)
 _WATCH_INTERVAL = 0.5  # seconds between the watcher's looks at the ranks
+PLACEMENT_GROUP_ENV = "PAGEDSERVE_PLACEMENT_GROUP"  # the hex id of a group handed to us
 
 
 class TensorParallelExecutor:
@@ -63,6 +68,7 @@ class TensorParallelExecutor:
         self.runner: ModelRunner | None = None
         self._loops: list = []  # each worker's `serve` call: done only when it stops
         self._placement = None
+        self._owns_placement = False
         self._owns_ray = False
         self._closed = False
         self._lock = threading.Lock()  # one sender at a time: steps and keep-alives
@@ -111,11 +117,16 @@ class TensorParallelExecutor:
         self._check_cluster()
         gpu = self.device.type == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-        # On GPU rank 0 takes bundle 0's GPU; on CPU it runs on this process's own cores.
-        first = 1 if gpu else 0
-        self._placement = ray.util.placement_group(
-            [bundle] * (self.size - 1 + first), strategy="PACK"
-        )
+        handed = os.environ.get(PLACEMENT_GROUP_ENV)
+        if handed:  # bundle 0 is held by our launcher's actor, this process's parent
+            self._placement, first = _handed_placement_group(ray, handed, self.size), 1
+        else:
+            # On GPU rank 0 takes bundle 0's GPU; on CPU it runs on this process's own cores.
+            first = 1 if gpu else 0
+            self._placement = ray.util.placement_group(
+                [bundle] * (self.size - 1 + first), strategy="PACK"
+            )
+            self._owns_placement = True
         try:
             ray.get(self._placement.ready(), timeout=_PLACEMENT_TIMEOUT)
         except ray.exceptions.GetTimeoutError:
@@ -123,7 +134,7 @@ class TensorParallelExecutor:
                 f"Ray could not place {self.size - 1 + first} rank(s) of {bundle} within "
                 f"{_PLACEMENT_TIMEOUT:.0f}s; the cluster has {_resources(ray)} in all"
             ) from None
-        if gpu:
+        if gpu and not handed:  # a handed group's actor holds bundle 0's GPU: it is ours
             self._take_driver_gpu(ray)
 
         # Rank 0 listens for the others: on loopback unless the ranks may sit on other nodes.
@@ -133,9 +144,11 @@ class TensorParallelExecutor:
         strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
         actor = ray.remote(RankWorker)
         for rank in range(1, self.size):
+            if handed:  # the launcher's bundles say what a rank holds
+                bundle = self._placement.bundle_specs[rank]
             options = dict(
-                num_cpus=1,
-                num_gpus=1 if gpu else 0,
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=strategy(self._placement, rank - 1 + first),
             )
             self.workers.append(
@@ -290,7 +303,7 @@ class TensorParallelExecutor:
             finally:
                 self._lock.release()
         self._kill_workers()
-        if self._placement is not None:
+        if self._placement is not None and self._owns_placement:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self._placement)
         _destroy_process_group()
@@ -416,6 +429,23 @@ def _import_ray():
     except ImportError as e:
         raise ValueError("tensor_parallel_size > 1 needs Ray: pip install 'pagedserve[tp]'") from e
     return ray
+
+
+def _handed_placement_group(ray, group_id: str, size: int):
+    """The placement group `group_id` (hex) that our launcher holds: one bundle a rank."""
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        group = PlacementGroup(ray.PlacementGroupID.from_hex(group_id))
+        bundles = len(group.bundle_specs)
+    except Exception as e:
+        raise ValueError(f"${PLACEMENT_GROUP_ENV}: no placement group {group_id!r}: {e}") from e
+    if bundles != size:
+        raise ValueError(
+            f"${PLACEMENT_GROUP_ENV}: the placement group has {bundles} bundle(s), "
+            f"tensor_parallel_size is {size}: one bundle a rank"
+        )
+    return group
 
 
 def _check_local_devices(size: int, device: torch.device) -> None:
