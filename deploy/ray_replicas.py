@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagedserve.deploy.replicas import Launcher, LaunchError, Replica, WorkerLaunch
-from pagedserve.deploy.stack import _die_with_parent
+from pagedserve.deploy.stack import die_with_parent
 
 if TYPE_CHECKING:  # the actors import this module: no torch for them (stack_config has it)
     from pagedserve.deploy.stack_config import RaySection
@@ -72,7 +72,7 @@ class WorkerProcess:
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent(),
+                start_new_session=True, preexec_fn=die_with_parent(),
             )  # fmt: skip
         node_id = ray.get_runtime_context().get_node_id()
         return {"address": f"http://{host}:{port}", "node": node_id[:8], "pid": self.process.pid,

@@ -30,7 +30,7 @@ class Service:
     Its own session keeps the terminal's Ctrl-C from reaching it, so that whoever runs the
     stack decides when and how it stops; its own group lets one kill reach whatever it started.
     Neither helps when that runner dies without stopping it (kill -9, a crash): no signal can
-    come from a dead process, so on Linux the kernel is asked to send one (_die_with_parent).
+    come from a dead process, so on Linux the kernel is asked to send one (die_with_parent).
 
     It never imports from the working directory (PYTHONSAFEPATH, Python 3.11+): `python -m`
     would otherwise put it first on the path, where a folder of the user's could hide an
@@ -50,7 +50,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
                 env={**os.environ, **self.env, "PYTHONSAFEPATH": "1"},
             )
 
@@ -202,7 +202,7 @@ def _require_free(host: str, port: int, name: str) -> None:
             )
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGTERM the child when this process dies, however it dies
     (PR_SET_PDEATHSIG); None elsewhere. SIGTERM rather than SIGKILL: each service then stops
     its own way and takes its own children (a worker's Ray ranks) along.
