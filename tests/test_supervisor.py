@@ -425,3 +425,36 @@ def test_restarts_back_off_and_five_quick_crashes_are_a_crash_loop(tmp_path: Pat
     replica.crashes = type(replica.crashes)([time.monotonic() - CRASH_WINDOW - 1] * 6)
     supervisor._crashed(replica, 1)  # the old crashes fell out of the window: a fresh start
     assert replica.state == "backoff" and round(replica.restart_at - time.monotonic()) == 1
+
+
+def test_a_count_outside_the_autoscale_bounds_is_refused(tmp_path: Path, tiny_llama: Path) -> None:
+    import asyncio
+
+    from pagedserve.deploy.replicas import LocalLauncher
+    from pagedserve.deploy.stack_config import ModelSection, StackConfig
+    from pagedserve.deploy.supervisor import ModelGroup, Supervisor, SupervisorError
+
+    spec = ModelSection(name="m", model_path=str(tiny_llama),
+                        autoscale={"min_replicas": 1, "max_replicas": 2})  # fmt: skip
+    supervisor = Supervisor(StackConfig(log_dir=tmp_path), LocalLauncher("127.0.0.1", 1, tmp_path))
+    supervisor.models["m"] = ModelGroup(spec, target=1)
+    for count in (3, 0, -1):
+        with pytest.raises(SupervisorError) as e:
+            asyncio.run(supervisor.scale("m", count))
+        assert e.value.status == 400
+    assert supervisor.models["m"].target == 1 and not supervisor.models["m"].replicas
+
+
+def test_serve_refuses_a_ray_address_that_does_not_answer(tmp_path: Path, tiny_llama: Path) -> None:
+    config = write_stack(tmp_path, {"a": tiny_llama}, controller=free_port(), gateway=free_port(),
+                         admin=free_port(), workers=free_port())  # fmt: skip
+    config.write_text(config.read_text() + f"ray: {{address: '127.0.0.1:{free_port()}'}}\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedserve.deploy.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "no Ray cluster answers at 127.0.0.1:" in result.stderr
+    assert not (tmp_path / "logs").exists()  # nothing started
+    assert time.monotonic() - started < 60
