@@ -69,6 +69,7 @@ def two_node_cluster(logs: Path) -> Iterator[Cluster]:
         node_b = ray_start(f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}',
                            log=logs / "node_b.log")  # fmt: skip
         nodes.append(node_b)
+        _wait_for_nodes(f"127.0.0.1:{port}", 2, logs)
         yield Cluster(f"127.0.0.1:{port}", node_b)
     finally:
         for node in reversed(nodes):
@@ -85,6 +86,26 @@ def node_names(ray) -> dict[str, str]:
         tag = next((r for r in n["Resources"] if r.startswith("node_")), "?")
         names[n["NodeID"][:8]] = tag
     return names
+
+
+def _wait_for_nodes(address: str, count: int, logs: Path, timeout: float = 90) -> None:
+    """Until the cluster has `count` live nodes: a node that has not joined yet cannot take a
+    worker, and Ray would place everything on the head. Asked from a process of its own, so
+    that this one never becomes a Ray driver."""
+    probe = (
+        "import sys, time, ray\n"
+        f"ray.init(address={address!r}, logging_level='ERROR')\n"
+        f"deadline = time.monotonic() + {timeout}\n"
+        f"while len([n for n in ray.nodes() if n['Alive']]) < {count}:\n"
+        "    if time.monotonic() > deadline: sys.exit(1)\n"
+        "    time.sleep(0.5)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **RAY_ENV},
+                            capture_output=True, text=True, timeout=timeout + 60)  # fmt: skip
+    assert result.returncode == 0, (
+        f"the cluster did not reach {count} nodes: {result.stderr[-2000:]}\n"
+        + (logs / "node_b.log").read_text()[-2000:]
+    )
 
 
 def _answers(port: int) -> bool:
