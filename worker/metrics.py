@@ -42,6 +42,26 @@ class _EngineCollector(Collector):
             "pagedserve_worker_kv_blocks_used": ("KV-cache blocks in use.", s.num_blocks_used),
             "pagedserve_worker_kv_blocks_total": ("KV-cache blocks in all.", s.num_blocks_total),
             "pagedserve_worker_kv_cache_usage": ("Fraction of KV blocks in use.", s.kv_cache_usage),
+            # What the engine measures offline, live: the PagedAttention paper's waste (slots
+            # allocated to sequences that hold no token: the unfilled tail of each last block).
+            "pagedserve_worker_kv_cache_waste": (
+                "Fraction of allocated KV slots that hold no token.",
+                s.kv_waste,
+            ),
+            "pagedserve_worker_kv_blocks_shared": (
+                "KV blocks referenced by more than one sequence (copy-on-write sharing: "
+                "parallel samples, beams, prefix-cache hits).",
+                s.num_blocks_shared,
+            ),
+            "pagedserve_worker_kv_blocks_cached": (
+                "KV blocks whose content the prefix cache can hand out.",
+                s.num_blocks_cached,
+            ),
+            # vLLM v0's gpu_prefix_cache_hit_rate: hits over lookups, in prompt tokens, since start.
+            "pagedserve_worker_prefix_cache_hit_rate": (
+                "Prompt tokens found in the prefix cache over those looked up, since start.",
+                s.prefix_cache_hit_rate,
+            ),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)
@@ -66,6 +86,11 @@ class _EngineCollector(Collector):
                 "pagedserve_worker_prefix_cache_hits",
                 "Prompt tokens found in the prefix cache.",
                 s.prefix_cache_hit_tokens,
+            ),
+            (
+                "pagedserve_worker_kv_cow_copies",
+                "Shared KV blocks copied before a sequence wrote into them (copy-on-write).",
+                s.num_cow_copies,
             ),
         ):
             c = CounterMetricFamily(name, doc)
