@@ -55,13 +55,16 @@ def under_way(outcomes: list[Outcome], worker_id: str, at: float) -> list[Outcom
     ]
 
 
-def busiest(outcomes: list[Outcome]) -> str:
-    """The worker serving the most streams that have begun and not ended."""
+def busiest(outcomes: list[Outcome]) -> str | None:
+    """Once 8 streams have begun: the worker serving the most streams that have begun and not
+    ended (None until then, or while none is under way)."""
+    if sum(o.events >= 2 for o in outcomes) < 8:
+        return None
     counts: dict[str, int] = {}
     for o in outcomes:
         if o.started_at is not None and not o.done and o.worker_id:
             counts[o.worker_id] = counts.get(o.worker_id, 0) + 1
-    return max(counts, key=counts.__getitem__)
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 # -- 1. kill -9 ---------------------------------------------------------------------------------
@@ -87,13 +90,9 @@ def test_kill_9_a_worker_while_its_requests_stream(
         workers = s.workers_by_id()
 
         def kill(outcomes: list[Outcome]) -> None:
-            wait_until(
-                lambda: sum(o.events >= 2 for o in outcomes) >= 8,
-                60,
-                interval=0.01,
-                what="streams under way",
+            victim_id = wait_until(
+                lambda: busiest(outcomes), 60, interval=0.01, what="streams under way"
             )
-            victim_id = busiest(outcomes)
             victim = workers[victim_id]
             killed.update(id=victim_id, url=victim.url, at=time.monotonic())  # before: no race
             victim.kill()
@@ -291,13 +290,9 @@ def test_sigterm_drains_a_worker_under_load(
         workers = s.workers_by_id()
 
         def term(outcomes: list[Outcome]) -> None:
-            wait_until(
-                lambda: sum(o.events >= 2 for o in outcomes) >= 8,
-                60,
-                interval=0.01,
-                what="streams under way",
+            victim_id = wait_until(
+                lambda: busiest(outcomes), 60, interval=0.01, what="streams under way"
             )
-            victim_id = busiest(outcomes)
             victim = workers[victim_id]
             (survivor,) = set(workers) - {victim_id}
             termed.update(id=victim_id, worker=victim, at=time.monotonic(), survivor=survivor)
