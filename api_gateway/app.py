@@ -31,7 +31,13 @@ from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.forwarding import Forwarder
 from pagedserve.api_gateway.http_pool import make_client
 from pagedserve.api_gateway.metrics import GatewayMetrics
-from pagedserve.api_gateway.protocol import (
+from pagedserve.api_gateway.rate_limit import KeyRateLimits, RedisRateLimiter, make_rate_limiter
+from pagedserve.api_gateway.request_context import GatewayMiddleware, RequestContext
+from pagedserve.api_gateway.retry_budget import RetryBudget
+from pagedserve.api_gateway.routing import InFlight, RoutingTable
+from pagedserve.api_gateway.serving import GatewayServing
+from pagedserve.controller.dispatch import make_policy
+from pagedserve.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -40,12 +46,6 @@ from pagedserve.api_gateway.protocol import (
     ModelCard,
     ModelList,
 )
-from pagedserve.api_gateway.rate_limit import KeyRateLimits, RedisRateLimiter, make_rate_limiter
-from pagedserve.api_gateway.request_context import GatewayMiddleware, RequestContext
-from pagedserve.api_gateway.retry_budget import RetryBudget
-from pagedserve.api_gateway.routing import InFlight, RoutingTable
-from pagedserve.api_gateway.serving import GatewayServing
-from pagedserve.controller.dispatch import make_policy
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.controller.dispatch import check_policy_name
-from pagedserve.controller.protocol import check_control_token
+from pagedserve.protocol.control_token import check_control_token
 
-# The protocol refuses n > 16 for every server (api_gateway/protocol.py).
+# The protocol refuses n > 16 for every server (protocol/openai.py).
 PROTOCOL_MAX_N = 16
 
 
@@ -52,7 +52,7 @@ class GatewayConfig:
     controller_timeout: float = 3.0
     # Which worker gets a request: see controller/dispatch.py (the controller's policies).
     routing_policy: str = "least_load"
-    # Shared control-plane token (controller/protocol.py), presented on every call to the
+    # Shared control-plane token (protocol/control_token.py), presented on every call to the
     # controller and the workers; never an API key. None: none presented. Kept out of repr.
     control_token: str | None = field(default=None, repr=False)
     # Scale from zero: a request for a model with no worker asks this supervisor (its admin

@@ -8,7 +8,7 @@ import math
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from pagedserve.api_gateway.protocol import ErrorDetail, ErrorResponse
+from pagedserve.protocol.openai import ErrorDetail, ErrorResponse
 
 
 class GatewayError(Exception):

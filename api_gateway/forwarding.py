@@ -34,7 +34,7 @@ from pagedserve.api_gateway.upstream import (
 )
 from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.prefix_index import CHARS_PER_TOKEN
-from pagedserve.controller.protocol import WorkerView
+from pagedserve.protocol.registry import WorkerView
 
 logger = logging.getLogger(__name__)
 

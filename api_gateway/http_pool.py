@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from pagedserve.controller.protocol import control_headers
+from pagedserve.protocol.control_token import control_headers
 
 _READ_SIZE = 64 << 10
 _NO_BODY_STATUS = (204, 304)

@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedserve.api_gateway.auth import ApiKey, KeyRing
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.metrics import GatewayMetrics
-from pagedserve.api_gateway.protocol import REQUEST_ID_HEADER as REQUEST_ID_HEADER
-from pagedserve.api_gateway.protocol import SANE_REQUEST_ID
+from pagedserve.protocol.openai import REQUEST_ID_HEADER as REQUEST_ID_HEADER
+from pagedserve.protocol.openai import SANE_REQUEST_ID
 
 access_log = logging.getLogger("pagedserve.api_gateway.access")
 

@@ -27,9 +27,9 @@ import orjson
 
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.forwarding import Forwarded, Forwarder
-from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.upstream import OpenStream
 from pagedserve.controller.dispatch import RouteRequest
+from pagedserve.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from pagedserve.api_gateway.protocol import ModelCard
 from pagedserve.controller.dispatch import DECODE_TOKEN_COST, REQUEST_TOKENS
-from pagedserve.controller.protocol import WorkerInfo, WorkersResponse, WorkerView
+from pagedserve.protocol.openai import ModelCard
+from pagedserve.protocol.registry import WorkerInfo, WorkersResponse, WorkerView
 
 logger = logging.getLogger(__name__)
 

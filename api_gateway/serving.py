@@ -33,7 +33,6 @@ from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError, invalid_body
 from pagedserve.api_gateway.forwarding import Forwarded, Forwarder
 from pagedserve.api_gateway.metrics import GatewayMetrics
-from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import Admission, KeyRateLimits
 from pagedserve.api_gateway.request_context import REQUEST_ID_HEADER, RequestContext
 from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
@@ -41,7 +40,8 @@ from pagedserve.api_gateway.routing import RoutingTable
 from pagedserve.api_gateway.streaming import RelayResponse, SSERelay
 from pagedserve.api_gateway.upstream import Answer, OpenStream, Refusal
 from pagedserve.controller.dispatch import ROUTE_HEADER, SESSION_HEADER, Route, RouteRequest
-from pagedserve.controller.protocol import WorkerView
+from pagedserve.protocol.openai import ChatCompletionRequest, CompletionRequest
+from pagedserve.protocol.registry import WorkerView
 
 T = TypeVar("T")
 

@@ -506,7 +506,7 @@ def stub_worker(argv: list[str]) -> None:
 
     import uvicorn
 
-    from pagedserve.controller.protocol import ConvTemplate
+    from pagedserve.protocol.fastchat import ConvTemplate
 
     parser = argparse.ArgumentParser(prog="stub-worker")
     parser.add_argument("--port", type=int, required=True)

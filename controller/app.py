@@ -23,10 +23,13 @@ from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest, make_policy
 from pagedserve.controller.metrics import ControllerMetrics
 from pagedserve.controller.monitor import Monitor
-from pagedserve.controller.protocol import (
-    ControlTokenGate,
+from pagedserve.controller.registry import Controller, WorkerUnreachable
+from pagedserve.controller.store import StoreError, make_store
+from pagedserve.deploy.http_limits import BodyLimit
+from pagedserve.protocol.control_token import ControlTokenGate, control_headers
+from pagedserve.protocol.fastchat import ErrorCode
+from pagedserve.protocol.registry import (
     DrainResponse,
-    ErrorCode,
     HeartbeatRequest,
     HeartbeatResponse,
     ListModelsResponse,
@@ -36,11 +39,7 @@ from pagedserve.controller.protocol import (
     UnregisterWorkerRequest,
     WorkerAddressResponse,
     WorkersResponse,
-    control_headers,
 )
-from pagedserve.controller.registry import Controller, WorkerUnreachable
-from pagedserve.controller.store import StoreError, make_store
-from pagedserve.deploy.http_limits import BodyLimit
 
 logger = logging.getLogger(__name__)
 

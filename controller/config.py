@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.controller.dispatch import check_policy_name
-from pagedserve.controller.protocol import check_control_token
+from pagedserve.protocol.control_token import check_control_token
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ControllerConfig:
     # Its bodies are registrations, heartbeats and relayed generate requests (a gateway's 1 MiB
     # plus a resumed stream's token ids).
     max_body_bytes: int = 8 << 20
-    # Shared control-plane token (controller/protocol.py); None: every route open, as FastChat's.
+    # Shared control-plane token (protocol/control_token.py); None: every route open, as FastChat's.
     # Kept out of repr so that logging a config never shows it.
     control_token: str | None = field(default=None, repr=False)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from pagedserve.controller.prefix_index import PrefixIndex, Prompt, block_keys
-from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.protocol.registry import WorkerInfo
 
 W = TypeVar("W", bound=WorkerInfo)
 # What one queued request weighs in prompt tokens: the exchange rate between load and cached

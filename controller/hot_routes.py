@@ -22,14 +22,11 @@ from pydantic import BaseModel, ValidationError
 
 from pagedserve.controller.app import OPEN_PATHS, error_response, unauthorized, validation_text
 from pagedserve.controller.dispatch import ROUTE_HEADER, RouteRequest
-from pagedserve.controller.protocol import (
-    ControlTokenGate,
-    ErrorCode,
-    HeartbeatRequest,
-    ModelRequest,
-)
 from pagedserve.controller.registry import Controller
 from pagedserve.controller.store import StoreError
+from pagedserve.protocol.control_token import ControlTokenGate
+from pagedserve.protocol.fastchat import ErrorCode
+from pagedserve.protocol.registry import HeartbeatRequest, ModelRequest
 
 
 class _BodyTooLarge(Exception):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.protocol.registry import WorkerInfo
 
 
 class ControllerMetrics:

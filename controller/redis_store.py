@@ -41,9 +41,9 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
-from pagedserve.controller.protocol import WorkerInfo
 from pagedserve.controller.store import StoreError, WorkerStore, _checked
 from pagedserve.controller.worker_index import MEMBERSHIP, WorkerIndex
+from pagedserve.protocol.registry import WorkerInfo
 
 logger = logging.getLogger(__name__)
 

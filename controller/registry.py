@@ -12,6 +12,7 @@ or listing it, and the policy looks at O(1) of a large pool. Only the operator's
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,18 +23,21 @@ import httpx
 from pagedserve.controller.config import ControllerConfig
 from pagedserve.controller.dispatch import Route, RouteRequest, RoutingPolicy
 from pagedserve.controller.metrics import ControllerMetrics
-from pagedserve.controller.protocol import (
-    ErrorCode,
+from pagedserve.controller.store import WorkerStore
+from pagedserve.protocol.fastchat import ErrorCode, WorkerStatus
+from pagedserve.protocol.registry import (
     HeartbeatRequest,
     RegisterWorkerRequest,
     WorkerInfo,
-    WorkerStatus,
     WorkerView,
-    default_worker_id,
 )
-from pagedserve.controller.store import WorkerStore
 
 logger = logging.getLogger(__name__)
+
+
+def default_worker_id(worker_name: str) -> str:
+    """A stable id for a worker that did not send one (FastChat workers): from its address."""
+    return hashlib.sha1(worker_name.encode()).hexdigest()[:12]
 
 
 class WorkerUnreachable(RuntimeError):

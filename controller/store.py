@@ -20,8 +20,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from pagedserve.controller.protocol import WorkerInfo
 from pagedserve.controller.worker_index import WorkerIndex
+from pagedserve.protocol.registry import WorkerInfo
 
 
 class StoreError(RuntimeError):

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, ValuesView
 from typing import Any
 
 from pagedserve.controller.dispatch import Candidates
-from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.protocol.registry import WorkerInfo
 
 
 class ModelPool(Candidates):

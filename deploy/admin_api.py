@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagedserve.api_gateway.errors import GatewayError
-from pagedserve.controller.protocol import check_bearer
 from pagedserve.deploy.stack_config import ModelSection
 from pagedserve.deploy.supervisor import Supervisor, SupervisorError
+from pagedserve.protocol.control_token import check_bearer
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           409: "conflict_error"}  # fmt: skip

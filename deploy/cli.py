@@ -18,7 +18,7 @@ ROUTING_POLICY_HELP = (
     "(the worker likely to hold the prompt's prefix in its cache, unless it is much busier)"
 )
 
-# The same shared token for the controller, the workers and the gateway (controller/protocol.py).
+# The same shared token for the controller, the workers and the gateway (protocol/control_token.py).
 CONTROL_TOKEN_HELP = (
     "Shared control-plane token: required on the controller's and workers' non-public routes "
     "and presented on this part's own calls, as Authorization: Bearer TOKEN; off if unset. "

@@ -12,7 +12,7 @@ from pagedserve.api_gateway import cold_start
 from pagedserve.api_gateway.cold_start import ColdStarts
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.routing import RoutingTable
-from pagedserve.controller.protocol import control_headers
+from pagedserve.protocol.control_token import control_headers
 
 
 class Stack:

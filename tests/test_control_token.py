@@ -25,7 +25,7 @@ from servers import (
 from pagedserve.api_gateway.app import create_app as create_gateway
 from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.controller.config import ControllerConfig
-from pagedserve.controller.protocol import check_bearer
+from pagedserve.protocol.control_token import check_bearer
 from pagedserve.worker.config import WorkerConfig
 
 TOKEN = "ctl-0123456789abcdef"

@@ -19,7 +19,7 @@ from pagedserve.controller.dispatch import (
     make_policy,
 )
 from pagedserve.controller.prefix_index import BLOCK_CHARS, BLOCK_TOKENS, PrefixIndex, block_keys
-from pagedserve.controller.protocol import WorkerInfo
+from pagedserve.protocol.registry import WorkerInfo
 
 
 def w(port: int, **fields) -> WorkerInfo:
@@ -266,9 +266,9 @@ def test_the_view_follows_register_drain_heartbeat_and_remove() -> None:
     import httpx
 
     from pagedserve.controller.metrics import ControllerMetrics
-    from pagedserve.controller.protocol import HeartbeatRequest, RegisterWorkerRequest
     from pagedserve.controller.registry import Controller
     from pagedserve.controller.store import MemoryStore
+    from pagedserve.protocol.registry import HeartbeatRequest, RegisterWorkerRequest
 
     async def scenario() -> None:
         store = MemoryStore()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from servers import RedisServer, redis_or_skip
 
-from pagedserve.controller.protocol import WorkerInfo
 from pagedserve.controller.store import MemoryStore, WorkerStore
+from pagedserve.protocol.registry import WorkerInfo
 
 StoreFactory = Callable[[], WorkerStore]
 _prefixes = itertools.count()

@@ -29,7 +29,6 @@ from pagedserve.api_gateway.config import GatewayConfig
 from pagedserve.api_gateway.errors import GatewayError
 from pagedserve.api_gateway.forwarding import Forwarded, Forwarder
 from pagedserve.api_gateway.metrics import GatewayMetrics
-from pagedserve.api_gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.api_gateway.rate_limit import InMemoryRateLimiter, KeyRateLimits, RedisRateLimiter
 from pagedserve.api_gateway.resumption import StreamResumer, asking_for_token_ids, resumable
 from pagedserve.api_gateway.retry_budget import RetryBudget
@@ -44,7 +43,8 @@ from pagedserve.controller.dispatch import (
     RouteRequest,
     make_policy,
 )
-from pagedserve.controller.protocol import WorkerView
+from pagedserve.protocol.openai import ChatCompletionRequest, CompletionRequest
+from pagedserve.protocol.registry import WorkerView
 
 
 class Clock:

@@ -21,7 +21,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from pagedserve.api_gateway.protocol import (
+from pagedserve.deploy.http_limits import BodyLimit
+from pagedserve.protocol.control_token import ControlTokenGate, control_headers
+from pagedserve.protocol.fastchat import CountTokenRequest, ErrorCode, GenerateParams
+from pagedserve.protocol.openai import (
     REQUEST_ID_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,14 +32,6 @@ from pagedserve.api_gateway.protocol import (
     ErrorResponse,
     ModelList,
 )
-from pagedserve.controller.protocol import (
-    ControlTokenGate,
-    CountTokenRequest,
-    ErrorCode,
-    GenerateParams,
-    control_headers,
-)
-from pagedserve.deploy.http_limits import BodyLimit
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.model_worker import EngineFactory, ModelWorker, default_engine_factory
 from pagedserve.worker.requests import RequestError, until_disconnected

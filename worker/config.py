@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.controller.protocol import check_control_token
 from pagedserve.engine.config import EngineConfig
+from pagedserve.protocol.control_token import check_control_token
 
 
 @dataclass
@@ -41,7 +41,7 @@ class WorkerConfig:
     max_body_bytes: int = 8 << 20
     # The engine's settings, whose model is model_path; None: EngineConfig's defaults.
     engine: EngineConfig | None = None
-    # Shared control-plane token (controller/protocol.py): required on the generate routes and
+    # Shared control-plane token (protocol/control_token.py): required on the generate routes and
     # presented to the controller; None: every route open. Kept out of repr.
     control_token: str | None = field(default=None, repr=False)
 

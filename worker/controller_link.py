@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import httpx
 
-from pagedserve.controller.protocol import HeartbeatRequest, RegisterWorkerRequest, WorkerStatus
+from pagedserve.protocol.fastchat import WorkerStatus
+from pagedserve.protocol.registry import HeartbeatRequest, RegisterWorkerRequest
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pagedserve.controller.protocol import (
+from pagedserve.protocol.fastchat import (
     ConvTemplate,
     ErrorCode,
     GenerateFrame,

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from pagedserve.controller.protocol import ErrorCode, WorkerStatus
+from pagedserve.protocol.fastchat import ErrorCode, WorkerStatus
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.controller_link import ControllerLink
 from pagedserve.worker.fastchat_serving import FastChatServing

@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pagedserve.api_gateway.protocol import (
+from pagedserve.protocol.fastchat import ErrorCode
+from pagedserve.protocol.openai import (
     AssistantMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -46,7 +47,6 @@ from pagedserve.api_gateway.protocol import (
     completion_id,
     random_id,
 )
-from pagedserve.controller.protocol import ErrorCode
 from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream, merged
 
 DONE = "data: [DONE]\n\n"

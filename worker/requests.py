@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
-from pagedserve.controller.protocol import ErrorCode
+from pagedserve.protocol.fastchat import ErrorCode
 from pagedserve.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
