@@ -1,11 +1,16 @@
 """Building blocks shared by every architecture: Megatron-style parallel linear layers and
 vocabulary-parallel embedding and LM head (each rank holds and loads only its shard; at
 tensor_parallel_size 1 they are plain layers), norms, rotary embeddings, activations and
-paged attention."""
+paged attention.
+
+The layers that run kernels (norm, rotary, gated activation, attention) call them through
+`self.kernels`: `kernels/ops.py`'s dispatch when built alone, the engine's resolved backend
+once the model runner binds it (`bind_kernels`)."""
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -163,12 +168,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels: ModuleType = ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused in so each layer hands on (normed, residual) pairs.
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -234,13 +240,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
         self.rotary_dim = rotary_dim
+        self.kernels: ModuleType = ops
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q [T, heads, head_dim] and k in place (views of the qkv projection are
         fine) and returns them."""
-        ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
+        self.kernels.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
         return q, k
 
 
@@ -271,10 +278,11 @@ class ActAndMul(nn.Module):
     def __init__(self, act: nn.Module):
         super().__init__()
         self.act = act
+        self.kernels: ModuleType = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.act, nn.SiLU):  # the common case has a fused kernel
-            return ops.silu_and_mul(x)
+            return self.kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -309,13 +317,25 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+        self.kernels: ModuleType = ops
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
-        ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        self.kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
-        return ops.paged_attention(
+        return self.kernels.paged_attention(
             q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
             batch.query_start_loc, self.scale, **window,
         )  # fmt: skip
+
+
+KERNEL_LAYERS = (RMSNorm, RotaryEmbedding, ActAndMul, PagedAttention)
+
+
+def bind_kernels(model: nn.Module, kernels: ModuleType) -> None:
+    """Make every kernel-running layer of `model` call `kernels` (a backend module of
+    kernels/ops.py) directly."""
+    for module in model.modules():
+        if isinstance(module, KERNEL_LAYERS):
+            module.kernels = kernels
