@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
+from pagedserve.engine.parallel import ParallelContext
 from pagedserve.kernels import ops
 
 
@@ -55,8 +55,9 @@ class ColumnParallelLinear(nn.Linear):
         parts: dict[str, tuple[int, int]],
         bias: bool = False,
         replicate: tuple[str, ...] = (),
+        *,
+        tp: ParallelContext,
     ):
-        tp = parallel.current()
         # part -> (offset in this rank's rows, first row in the full part, rows, full rows)
         self.ranges: dict[str, tuple[int, int, int, int]] = {}
         local = 0
@@ -103,8 +104,16 @@ class RowParallelLinear(nn.Linear):
     is added once. `units` = (units, unit size) of the input, split as the layer before split
     its output."""
 
-    def __init__(self, units: tuple[int, int], out_features: int, bias: bool = False, what=""):
-        self.tp = parallel.current()
+    def __init__(
+        self,
+        units: tuple[int, int],
+        out_features: int,
+        bias: bool = False,
+        what: str = "",
+        *,
+        tp: ParallelContext,
+    ):
+        self.tp = tp
         first, n = self.tp.shard(units[0], what or "the input features")
         self.first, self.full = first * units[1], units[0] * units[1]
         super().__init__(n * units[1], out_features, bias=bias)
@@ -126,8 +135,8 @@ class VocabParallelEmbedding(nn.Embedding):
     tokens in its range, the others' rows are zero, and an all-reduce sums them. The
     vocabulary is padded to a multiple of the ranks (padding rows are zero, never looked up)."""
 
-    def __init__(self, vocab_size: int, dim: int):
-        self.tp = parallel.current()
+    def __init__(self, vocab_size: int, dim: int, *, tp: ParallelContext):
+        self.tp = tp
         self.vocab_size = vocab_size
         padded = -(-vocab_size // self.tp.size) * self.tp.size
         per_rank = padded // self.tp.size
