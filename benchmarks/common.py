@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound,
-services. torch is imported where it is used, so that a load-generating client that needs none
+"""Shared pieces of the benchmark scripts: model building, workloads, the machine's bound
+and limit, services. torch is imported where it is used, so that a load-generating client that needs none
 (benchmarks/serving.py) starts in a second instead of five."""
 
 from __future__ import annotations
@@ -76,6 +76,50 @@ def matmul_bound_seconds(hf_config, prefill_tokens: int, decode_tokens: int, dty
     per_token = sum(count * seconds_per_token(*shape) for shape, count in shapes.items())
     head = seconds_per_token(embed_dim, vocab)
     return (prefill_tokens + decode_tokens) * per_token + decode_tokens * head
+
+
+def decode_kv_tokens(prompt_lens: list[int], output_len: int, window: int | None = None) -> int:
+    """Tokens of K/V that one layer reads over the decode steps of the workload: a sequence's
+    first output token comes from its prompt's step, and its decode step t (1..output_len-1)
+    attends over prompt_len + t tokens (the last `window` of them under a sliding window)."""
+    return sum(
+        min(p + t, window) if window else p + t for p in prompt_lens for t in range(1, output_len)
+    )
+
+
+def kv_read_bytes(hf_config, prompt_lens: list[int], output_len: int, dtype) -> int:
+    """Bytes of K/V read by one read of every running sequence's cache per decode step: per
+    layer and token, 2 (K and V) x num_kv_heads x head_dim x the dtype's bytes. The layers are
+    the engine's own for `hf_config` (built on the meta device), as in `matmul_bound_seconds`."""
+    from pagedserve.engine.layers import PagedAttention
+    from pagedserve.engine.model_loader import meta_model
+
+    layers = [m for m in meta_model(hf_config).modules() if isinstance(m, PagedAttention)]
+    tokens: dict[int | None, int] = {}  # one count per distinct window
+    total = 0
+    for layer in layers:
+        if layer.sliding_window not in tokens:
+            tokens[layer.sliding_window] = decode_kv_tokens(
+                prompt_lens, output_len, layer.sliding_window
+            )
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * dtype.itemsize
+        total += per_token * tokens[layer.sliding_window]
+    return total
+
+
+def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes per second that a `torch.sum` reads here: the best of `repeats` sums over a
+    float32 tensor of `nbytes` (256 MiB, far beyond any cache)."""
+    import torch
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # kernels/ops.py's, and auto
 
 
 def _setting(default: Any, help: str, none_means: str | None = None) -> Any:
@@ -31,6 +32,13 @@ class EngineConfig:
         "or float16 (CUDA only).",
     )
     device: str = _setting("auto", "auto (CUDA when there is one), cpu or cuda.")
+    attention_backend: str = _setting(
+        "auto",
+        "Kernels for attention, norms and activations, chosen once at start: auto "
+        "(PAGEDSERVE_ATTENTION_BACKEND if set, else triton on CUDA when installed, the C++ "
+        "kernels on a CPU when they build, else torch), torch (the PyTorch reference), cpu "
+        "or triton.",
+    )
     max_model_len: int | None = _setting(None, "Longest sequence.", none_means="the model's")
     block_size: int = _setting(16, "Tokens per KV-cache block: 8, 16 or 32.")
     kv_cache_memory: int | None = _setting(
@@ -82,6 +90,11 @@ class EngineConfig:
 
             if not torch.cuda.is_available():
                 raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
         if self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -71,6 +71,7 @@ class TensorParallelExecutor:
         self._owns_placement = False
         self._owns_ray = False
         self._closed = False
+        self._control = None  # the step messages' group (Gloo) when the ranks' is NCCL
         self._lock = threading.Lock()  # one sender at a time: steps and keep-alives
         self._last_send = time.monotonic()
         self._stop = threading.Event()
@@ -165,7 +166,7 @@ class TensorParallelExecutor:
         calls = [w.load.remote() for w in self.workers]
         ctx = ParallelContext(0, self.size)
         try:
-            _init_process_group(self.config, ctx, init_method)
+            self._control = _init_process_group(self.config, ctx, init_method)
             self.loaded = load_model(self.config, ctx)
             ray.get(calls)
             calls = [w.make_runner.remote() for w in self.workers]
@@ -232,7 +233,7 @@ class TensorParallelExecutor:
                 self._last_send = time.monotonic()
 
     def _broadcast(self, t: torch.Tensor) -> None:
-        dist.broadcast(t, src=0, group=_control_group())
+        dist.broadcast(t, src=0, group=self._control)
 
     # --- failure and keep-alive -----------------------------------------------------------
     def _watch(self) -> None:
@@ -307,6 +308,7 @@ class TensorParallelExecutor:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self._placement)
         _destroy_process_group()
+        self._control = None
         if self._owns_ray and ray is not None:
             ray.shutdown()
         logger.info("tensor-parallel ranks stopped")
@@ -329,6 +331,7 @@ class RankWorker:
         self.ctx = ParallelContext(rank, config.tensor_parallel_size)
         self.loaded: LoadedModel | None = None
         self.runner: ModelRunner | None = None
+        self.control = None  # the step messages' group (Gloo) when the ranks' is NCCL
         # Ray lowers its workers' priority (nice 15); a rank that every step waits for should
         # run at rank 0's. Raising priority may need privileges: then it stays as Ray set it.
         with contextlib.suppress(OSError):
@@ -339,7 +342,7 @@ class RankWorker:
 
     def load(self) -> None:
         try:
-            _init_process_group(self.config, self.ctx, self.init_method)
+            self.control = _init_process_group(self.config, self.ctx, self.init_method)
             self.loaded = load_model(self.config, self.ctx)
         except BaseException:
             _destroy_process_group()  # rank 0 then fails at once instead of timing out
@@ -359,41 +362,35 @@ class RankWorker:
             with torch.inference_mode():
                 while True:
                     header = empty_header()
-                    dist.broadcast(header, src=0, group=_control_group())
+                    dist.broadcast(header, src=0, group=self.control)
                     kind = int(header[0])
                     if kind == STOP:
                         return "stopped"
                     if kind == NOOP:
                         continue
                     payload = torch.empty(int(header[-1]), dtype=torch.long)
-                    dist.broadcast(payload, src=0, group=_control_group())
+                    dist.broadcast(payload, src=0, group=self.control)
                     self.runner.run_step(unpack_step(header, payload, device))
         finally:
             _destroy_process_group()
+            self.control = None
 
 
 # --- helpers --------------------------------------------------------------------------------
-_control = None  # a Gloo group for the step messages when the ranks' group is NCCL
-
-
-def _init_process_group(config: EngineConfig, ctx: ParallelContext, init_method: str) -> None:
-    global _control
+def _init_process_group(config: EngineConfig, ctx: ParallelContext, init_method: str):
+    """Join the ranks' group; returns the group for the step messages: a Gloo group of its
+    own when the ranks' is NCCL (which carries only the model's collectives), else None (the
+    default group)."""
     device = config.torch_device
     timeout = datetime.timedelta(seconds=config.distributed_timeout)
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", init_method=init_method,
         rank=ctx.rank, world_size=ctx.size, timeout=timeout,
     )  # fmt: skip
-    _control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
-
-
-def _control_group():
-    return _control
+    return dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
 
 
 def _destroy_process_group() -> None:
-    global _control
-    _control = None
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

@@ -1,18 +1,23 @@
 """Building blocks shared by every architecture: Megatron-style parallel linear layers and
 vocabulary-parallel embedding and LM head (each rank holds and loads only its shard; at
 tensor_parallel_size 1 they are plain layers), norms, rotary embeddings, activations and
-paged attention."""
+paged attention.
+
+The layers that run kernels (norm, rotary, gated activation, attention) call them through
+`self.kernels`: `kernels/ops.py`'s dispatch when built alone, the engine's resolved backend
+once the model runner binds it (`bind_kernels`)."""
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
+from pagedserve.engine.parallel import ParallelContext
 from pagedserve.kernels import ops
 
 
@@ -50,8 +55,9 @@ class ColumnParallelLinear(nn.Linear):
         parts: dict[str, tuple[int, int]],
         bias: bool = False,
         replicate: tuple[str, ...] = (),
+        *,
+        tp: ParallelContext,
     ):
-        tp = parallel.current()
         # part -> (offset in this rank's rows, first row in the full part, rows, full rows)
         self.ranges: dict[str, tuple[int, int, int, int]] = {}
         local = 0
@@ -98,8 +104,16 @@ class RowParallelLinear(nn.Linear):
     is added once. `units` = (units, unit size) of the input, split as the layer before split
     its output."""
 
-    def __init__(self, units: tuple[int, int], out_features: int, bias: bool = False, what=""):
-        self.tp = parallel.current()
+    def __init__(
+        self,
+        units: tuple[int, int],
+        out_features: int,
+        bias: bool = False,
+        what: str = "",
+        *,
+        tp: ParallelContext,
+    ):
+        self.tp = tp
         first, n = self.tp.shard(units[0], what or "the input features")
         self.first, self.full = first * units[1], units[0] * units[1]
         super().__init__(n * units[1], out_features, bias=bias)
@@ -121,8 +135,8 @@ class VocabParallelEmbedding(nn.Embedding):
     tokens in its range, the others' rows are zero, and an all-reduce sums them. The
     vocabulary is padded to a multiple of the ranks (padding rows are zero, never looked up)."""
 
-    def __init__(self, vocab_size: int, dim: int):
-        self.tp = parallel.current()
+    def __init__(self, vocab_size: int, dim: int, *, tp: ParallelContext):
+        self.tp = tp
         self.vocab_size = vocab_size
         padded = -(-vocab_size // self.tp.size) * self.tp.size
         per_rank = padded // self.tp.size
@@ -163,12 +177,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels: ModuleType = ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused in so each layer hands on (normed, residual) pairs.
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -234,13 +249,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
         self.rotary_dim = rotary_dim
+        self.kernels: ModuleType = ops
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q [T, heads, head_dim] and k in place (views of the qkv projection are
         fine) and returns them."""
-        ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
+        self.kernels.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim)
         return q, k
 
 
@@ -271,10 +287,11 @@ class ActAndMul(nn.Module):
     def __init__(self, act: nn.Module):
         super().__init__()
         self.act = act
+        self.kernels: ModuleType = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.act, nn.SiLU):  # the common case has a fused kernel
-            return ops.silu_and_mul(x)
+            return self.kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -309,13 +326,25 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+        self.kernels: ModuleType = ops
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
-        ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        self.kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
-        return ops.paged_attention(
+        return self.kernels.paged_attention(
             q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
             batch.query_start_loc, self.scale, **window,
         )  # fmt: skip
+
+
+KERNEL_LAYERS = (RMSNorm, RotaryEmbedding, ActAndMul, PagedAttention)
+
+
+def bind_kernels(model: nn.Module, kernels: ModuleType) -> None:
+    """Make every kernel-running layer of `model` call `kernels` (a backend module of
+    kernels/ops.py) directly."""
+    for module in model.modules():
+        if isinstance(module, KERNEL_LAYERS):
+            module.kernels = kernels

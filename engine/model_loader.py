@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedserve.engine import parallel
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.models import model_class
 from pagedserve.engine.parallel import ParallelContext
@@ -105,8 +104,8 @@ def _build(cls, hf_config, dtype: torch.dtype, device: torch.device, ctx: Parall
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device), parallel.building(ctx):
-            return cls(hf_config)
+        with torch.device(device):
+            return cls(hf_config, ctx)
     finally:
         torch.set_default_dtype(previous)
 

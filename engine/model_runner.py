@@ -18,7 +18,7 @@ from torch import nn
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
-from pagedserve.engine.layers import PagedAttention
+from pagedserve.engine.layers import PagedAttention, bind_kernels
 from pagedserve.engine.model_loader import LoadedModel
 from pagedserve.engine.parallel import ParallelContext, StepInput
 from pagedserve.engine.sampler import Sample, SamplingTensors, sample
@@ -49,9 +49,12 @@ class ModelRunner:
             keep_freed_memory_in_heap()
             if config.cpu_threads is not None:
                 torch.set_num_threads(config.cpu_threads)
-        # Chosen (and on a CPU, built or loaded) now rather than inside the first request.
-        logger.info("attention backend: %s", ops.attention_backend(self.device))
+        # Chosen (and on a CPU, built or loaded) once, now rather than inside the first request.
+        self.attention_backend = ops.resolve_backend(config.attention_backend, self.device)
+        self.kernels = ops.backend_module(self.attention_backend)
+        logger.info("attention backend: %s", self.attention_backend)
         self.model: nn.Module = loaded.model
+        bind_kernels(self.model, self.kernels)
         self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.eos_token_ids = loaded.eos_token_ids
@@ -201,7 +204,7 @@ class ModelRunner:
         (None on ranks other than 0). Every rank runs this for every step."""
         if step.block_copies:
             src, dst = zip(*step.block_copies, strict=True)
-            ops.copy_blocks(
+            self.kernels.copy_blocks(
                 self.k_caches, self.v_caches,
                 torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device),
             )  # fmt: skip

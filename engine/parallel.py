@@ -1,15 +1,13 @@
 """Tensor-parallel state of one rank, the collectives its layers run, and the wire format of
 one engine step (rank 0's driver broadcasts it; the other ranks loop on receiving it).
 
-A process holds at most one rank. Layers read the rank they are built for from `current()`,
-which `building(ctx)` sets while a model is constructed, and keep it: a model built outside
-`building` is the single rank of TP=1 and runs no collective at all.
+A process holds at most one rank. Its model is built for a `ParallelContext` that the model
+class is handed and passes down to every layer that shards or communicates, which keeps it: a
+model built without one is the single rank of TP=1 and runs no collective at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -61,24 +59,6 @@ class ParallelContext:
         t = torch.tensor([value], dtype=torch.long, device=_collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
-
-
-_current = ParallelContext()
-
-
-def current() -> ParallelContext:
-    return _current
-
-
-@contextlib.contextmanager
-def building(ctx: ParallelContext) -> Iterator[None]:
-    """Layers constructed inside this block are this rank's shard of a `ctx.size`-way model."""
-    global _current
-    previous, _current = _current, ctx
-    try:
-        yield
-    finally:
-        _current = previous
 
 
 def _collective_device() -> torch.device:

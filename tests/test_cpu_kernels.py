@@ -151,6 +151,52 @@ def test_runs_on_torchs_threads():
     torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    ("configured", "env", "backend"),
+    [("torch", "cpu", "torch"), ("cpu", "torch", "cpu"), ("auto", "torch", "torch"),
+     ("auto", None, "cpu")],
+)  # fmt: skip
+def test_the_engine_resolves_its_backend_once_at_start(
+    tiny_llama, monkeypatch, configured, env, backend
+):
+    """EngineConfig.attention_backend (auto: the env override, else the device's default)
+    binds one backend's kernels to the model's layers when the engine starts; its steps call
+    them directly, without looking at the environment or the tensors' device again."""
+    from pagedserve.engine.layers import KERNEL_LAYERS
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    if env is None:
+        monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ops.ENV_VAR, env)
+    llm = LLM(tiny_llama, attention_backend=configured, device="cpu", kv_cache_memory=1 << 20,
+              max_model_len=64)  # fmt: skip
+    runner = llm.engine.runner
+    assert runner.attention_backend == backend
+    assert runner.kernels is ops.backend_module(backend)
+    layers = [m for m in runner.model.modules() if isinstance(m, KERNEL_LAYERS)]
+    assert layers and all(m.kernels is runner.kernels for m in layers)
+
+    def lookup(*args, **kwargs):
+        raise AssertionError("a kernel call looked its backend up")
+
+    monkeypatch.setattr(ops, "attention_backend", lookup)
+    monkeypatch.setattr(ops, "resolve_backend", lookup)
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
+    out = llm.generate([[5, 6, 7, 8, 9]], params, use_tqdm=False)  # copy_blocks too (n=2)
+    assert [len(c.token_ids) for c in out[0].outputs] == [4, 4]
+
+
+def test_the_config_names_the_kernels_backends() -> None:
+    from pagedserve.engine.config import ATTENTION_BACKENDS, EngineConfig
+
+    assert ATTENTION_BACKENDS[1:] == ops.BACKENDS and ATTENTION_BACKENDS[0] == "auto"
+    with pytest.raises(ValueError, match="attention_backend must be one of auto, torch"):
+        EngineConfig(model="m", attention_backend="cuda")
+
+
 def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
     """No toolchain (here: a compiler that fails, and an empty extension cache): the backend
     falls back to the reference with a warning; forcing the CPU kernel is refused clearly."""

@@ -113,6 +113,32 @@ def test_one_rank_imports_no_ray(tiny_llama):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_each_model_is_the_shard_of_the_context_it_is_handed(tiny_llama):
+    """The rank travels into the model as an argument, not as process state: rank 1 of 2
+    and a model built without a context (the single rank of TP=1) get their own shapes."""
+    from torch import nn
+    from transformers import AutoConfig
+
+    from pagedserve.engine.layers import RowParallelLinear
+    from pagedserve.engine.models import model_class
+    from pagedserve.engine.parallel import ParallelContext
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    rank = ParallelContext(1, 2)
+    with torch.device("meta"):
+        split = model_class(config)(config, rank)
+        whole = model_class(config)(config)
+
+    def qkv(model) -> nn.Linear:
+        return model.model.layers[0].self_attn.qkv_proj
+
+    assert qkv(split).out_features * 2 == qkv(whole).out_features  # half the heads
+    assert split.lm_head.num_embeddings == -(-whole.lm_head.num_embeddings // 2)
+    rows = [m for m in split.modules() if isinstance(m, RowParallelLinear)]
+    assert rows and all(m.tp is rank for m in rows)
+    assert all(m.tp.size == 1 for m in whole.modules() if isinstance(m, RowParallelLinear))
+
+
 # --- engines with a Ray of their own ----------------------------------------------------------
 @pytest.fixture(scope="class")
 def llm(tiny_llama):

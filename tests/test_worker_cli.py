@@ -68,7 +68,7 @@ def test_engine_flags_reach_the_workers_engine_config(monkeypatch) -> None:
         *("--max-num-batched-tokens", "1024", "--no-enable-chunked-prefill"),
         *("--no-enable-prefix-caching", "--tensor-parallel-size", "2"),
         *("--ray-address", "ray://head:10001", "--distributed-timeout", "5.5"),
-        *("--cpu-threads", "3", "--seed", "7"),
+        *("--cpu-threads", "3", "--seed", "7", "--attention-backend", "torch"),
     )
     assert result.exit_code == 0, result.output
     assert served[0].engine == EngineConfig(
@@ -89,6 +89,7 @@ def test_engine_flags_reach_the_workers_engine_config(monkeypatch) -> None:
         distributed_timeout=5.5,
         cpu_threads=3,
         seed=7,
+        attention_backend="torch",
     )
 
 
@@ -99,6 +100,7 @@ def test_engine_flags_reach_the_workers_engine_config(monkeypatch) -> None:
         (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
         (["--dtype", "float8"], "dtype must be 'auto' or one of"),
         (["--distributed-timeout", "0"], "distributed_timeout must be a positive"),
+        (["--attention-backend", "cuda"], "attention_backend must be one of"),
         (["--block-size", "big"], "Invalid value for '--block-size'"),
     ],
 )

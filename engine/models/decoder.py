@@ -20,7 +20,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pagedserve.engine import parallel
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.layers import (
     ActAndMul,
@@ -36,6 +35,7 @@ from pagedserve.engine.layers import (
     VocabParallelEmbedding,
     activation,
 )
+from pagedserve.engine.parallel import ParallelContext
 
 RESIDUAL_STYLES = ("sequential", "parallel", "parallel_shared_norm", "post_norm")
 
@@ -131,9 +131,8 @@ def sliding_windows(config) -> tuple[int | None, ...]:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer: int):
+    def __init__(self, spec: DecoderSpec, layer: int, tp: ParallelContext):
         super().__init__()
-        tp = parallel.current()
         # This rank's heads; KV heads are replicated when there are fewer than ranks (GQA).
         q_heads = tp.shard(spec.num_heads, "the attention heads")
         kv_heads = tp.shard(spec.num_kv_heads, "the key/value heads", replicate=True)
@@ -144,9 +143,10 @@ class Attention(nn.Module):
             {"q": (spec.num_heads, hd), "k": (spec.num_kv_heads, hd), "v": (spec.num_kv_heads, hd)},
             spec.qkv_bias,
             replicate=("k", "v"),
+            tp=tp,
         )
         self.o_proj = RowParallelLinear(
-            (spec.num_heads, hd), spec.hidden_size, spec.o_bias, "the attention heads"
+            (spec.num_heads, hd), spec.hidden_size, spec.o_bias, "the attention heads", tp=tp
         )
         if spec.qk_norm:
             self.q_layernorm = PerHeadLayerNorm(spec.num_heads, hd, spec.norm_eps, q_heads)
@@ -174,20 +174,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec):
+    def __init__(self, spec: DecoderSpec, tp: ParallelContext):
         super().__init__()
         size, bias = spec.intermediate_size, spec.mlp_bias
         rows = (size, 1)
         if spec.gated_mlp:
             self.gate_up_proj = ColumnParallelLinear(
-                spec.hidden_size, {"gate": rows, "up": rows}, bias
+                spec.hidden_size, {"gate": rows, "up": rows}, bias, tp=tp
             )
             self.act = ActAndMul(activation(spec.act))
-            self.down_proj = RowParallelLinear(rows, spec.hidden_size, bias, "intermediate_size")
+            self.down_proj = RowParallelLinear(
+                rows, spec.hidden_size, bias, "intermediate_size", tp=tp
+            )
         else:
-            self.fc1 = ColumnParallelLinear(spec.hidden_size, {"fc1": rows}, bias)
+            self.fc1 = ColumnParallelLinear(spec.hidden_size, {"fc1": rows}, bias, tp=tp)
             self.act = activation(spec.act)
-            self.fc2 = RowParallelLinear(rows, spec.hidden_size, bias, "intermediate_size")
+            self.fc2 = RowParallelLinear(rows, spec.hidden_size, bias, "intermediate_size", tp=tp)
         self.gated = spec.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,14 +202,14 @@ class DecoderLayer(nn.Module):
     """One block. The residual stream travels as (hidden, residual), their sum being the
     stream, so that a norm can fuse the residual add (RMSNorm and LayerNorm take both)."""
 
-    def __init__(self, spec: DecoderSpec, layer: int):
+    def __init__(self, spec: DecoderSpec, layer: int, tp: ParallelContext):
         super().__init__()
         self.residual = spec.residual
         self.input_layernorm = spec.make_norm()
-        self.self_attn = Attention(spec, layer)
+        self.self_attn = Attention(spec, layer, tp)
         if spec.residual != "parallel_shared_norm":
             self.post_attention_layernorm = spec.make_norm()
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, tp)
 
     def forward(self, positions, hidden, residual, batch):
         if self.residual == "sequential":
@@ -233,10 +235,10 @@ def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: DecoderSpec):
+    def __init__(self, spec: DecoderSpec, tp: ParallelContext):
         super().__init__()
         embed_dim = spec.embed_dim or spec.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, embed_dim, tp=tp)
         self.project_in = self.project_out = None
         if embed_dim != spec.hidden_size:
             self.project_in = nn.Linear(embed_dim, spec.hidden_size, bias=False)
@@ -246,7 +248,7 @@ class DecoderModel(nn.Module):
             self.embed_positions = LearnedPositionEmbedding(
                 spec.max_positions, spec.hidden_size, spec.position_offset
             )
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp) for i in range(spec.num_layers))
         self.norm = spec.make_norm() if spec.final_norm else None
 
     def forward(
@@ -283,11 +285,13 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, spec: DecoderSpec):
+    def __init__(self, spec: DecoderSpec, tp: ParallelContext | None = None):
+        """`tp`: the rank this model is a shard of; none is the single rank of TP=1."""
         super().__init__()
+        tp = tp or ParallelContext()
         self.spec = spec
-        self.model = DecoderModel(spec)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.embed_dim or spec.hidden_size)
+        self.model = DecoderModel(spec, tp)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.embed_dim or spec.hidden_size, tp=tp)
         self.tie_word_embeddings = spec.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

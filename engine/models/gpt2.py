@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagedserve.engine.models.decoder import DecoderForCausalLM, DecoderSpec
+from pagedserve.engine.parallel import ParallelContext
 
 # Conv1D layers store their weight as [in, out], the transpose of nn.Linear's.
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -49,8 +50,8 @@ class GPT2LMHeadModel(DecoderForCausalLM):
     )
     packed_modules = {}
 
-    def __init__(self, config):
-        super().__init__(gpt2_spec(config))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(gpt2_spec(config), tp)
 
     def normalize_checkpoint_name(self, name: str) -> str:
         # OpenAI's original checkpoints were saved from GPT2Model: no `transformer.` prefix.

@@ -11,6 +11,7 @@ from pagedserve.engine.models.decoder import (
     partial_rotary_dim,
     rope_parameters,
 )
+from pagedserve.engine.parallel import ParallelContext
 
 
 def gpt_neox_spec(config) -> DecoderSpec:
@@ -46,8 +47,8 @@ class GPTNeoXForCausalLM(DecoderForCausalLM):
     )
     packed_modules = {}
 
-    def __init__(self, config):
-        super().__init__(gpt_neox_spec(config))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(gpt_neox_spec(config), tp)
 
     def convert_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         # query_key_value holds [q, k, v] per head ([heads, 3, head_dim] rows); the merged

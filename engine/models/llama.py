@@ -8,6 +8,7 @@ from pagedserve.engine.models.decoder import (
     rope_parameters,
     sliding_windows,
 )
+from pagedserve.engine.parallel import ParallelContext
 
 
 def llama_spec(config, **fields) -> DecoderSpec:
@@ -30,8 +31,8 @@ def llama_spec(config, **fields) -> DecoderSpec:
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
-    def __init__(self, config):
-        super().__init__(llama_spec(config))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(llama_spec(config), tp)
 
 
 # Mistral is Llama with a sliding window, which llama_spec reads from the config.

@@ -4,6 +4,7 @@ narrower word embeddings projected in and out (OPT-350m)."""
 from __future__ import annotations
 
 from pagedserve.engine.models.decoder import DecoderForCausalLM, DecoderSpec
+from pagedserve.engine.parallel import ParallelContext
 
 
 def opt_spec(config) -> DecoderSpec:
@@ -46,8 +47,8 @@ class OPTForCausalLM(DecoderForCausalLM):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config):
-        super().__init__(opt_spec(config))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(opt_spec(config), tp)
 
     def normalize_checkpoint_name(self, name: str) -> str:
         # Meta's checkpoints were saved from OPTModel: `decoder.` without `model.`.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pagedserve.engine.models.decoder import DecoderForCausalLM
 from pagedserve.engine.models.llama import llama_spec
+from pagedserve.engine.parallel import ParallelContext
 
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
-    def __init__(self, config):
-        super().__init__(llama_spec(config, qkv_bias=True, o_bias=False))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(llama_spec(config, qkv_bias=True, o_bias=False), tp)

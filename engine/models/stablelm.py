@@ -10,6 +10,7 @@ from pagedserve.engine.models.decoder import (
     partial_rotary_dim,
     rope_parameters,
 )
+from pagedserve.engine.parallel import ParallelContext
 
 
 def stablelm_spec(config) -> DecoderSpec:
@@ -29,5 +30,5 @@ def stablelm_spec(config) -> DecoderSpec:
 
 
 class StableLmForCausalLM(DecoderForCausalLM):
-    def __init__(self, config):
-        super().__init__(stablelm_spec(config))
+    def __init__(self, config, tp: ParallelContext | None = None):
+        super().__init__(stablelm_spec(config), tp)
