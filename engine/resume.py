@@ -59,5 +59,6 @@ def replay(
             f"resume.sent_chars must be in [0, {len(seq.output_text)}], the length of the "
             f"resumed tokens' text; got {resume.sent_chars}"
         )
+    seq.sent_chars = resume.sent_chars
     if seq.generator is not None:
         skip_draws(seq.generator, vocab_size, len(ids))

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for, per token
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request holds (vLLM's names). Beam search and best_of > n
+    choose their answers at the end, so they give one output, when they finish, whatever
+    the kind."""
+
+    CUMULATIVE = "cumulative"  # the whole answer so far
+    DELTA = "delta"  # only what is new since the request's previous output
+    FINAL_ONLY = "final_only"  # one output, the whole answer, when the request finishes
 
 
 @dataclass
@@ -32,6 +43,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +77,13 @@ class SamplingParams:
             self.top_k = 0
         self._check_penalties()
         self._check_beam_search()
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            kinds = ", ".join(k.value for k in RequestOutputKind)
+            raise ValueError(
+                f"output_kind must be one of {kinds}, got {self.output_kind!r}"
+            ) from None
 
     def _check_counts(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
