@@ -10,7 +10,6 @@ import torch
 
 from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.detokenizer import find_stop_string, update_text
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
@@ -101,7 +100,9 @@ class LLMEngine:
             self.kv_cache, config.max_num_seqs, config.batched_tokens, config.enable_chunked_prefill
         )
         self.requests: dict[str, SequenceGroup] = {}
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(
+            self.tokenizer, self.eos_token_ids, self.max_model_len
+        )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.runner.warmup()
@@ -187,7 +188,13 @@ class LLMEngine:
         seq = Sequence(request_id, text, token_ids, params, generator=generator)
         if resume is not None:
             try:
-                replay(seq, resume, self._check_stop, self.vocab_size, self.max_model_len)
+                replay(
+                    seq,
+                    resume,
+                    self.output_processor.check_stop,
+                    self.vocab_size,
+                    self.max_model_len,
+                )
             except ValueError as e:
                 raise InvalidRequestError(str(e), param="resume") from e
         return seq
@@ -298,7 +305,7 @@ class LLMEngine:
             group.seqs.extend(targets[1:])
         for target, sample in zip(targets, samples, strict=True):
             self._append(target, sample)
-            self._check_stop(target, sample.token)
+            self.output_processor.check_stop(target, sample.token)
             if target.is_finished:
                 self.scheduler.free_seq(target)
 
@@ -338,23 +345,6 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             seq.logprobs.append(sample.logprobs_entry(seq.params.logprobs))
         self.generation_tokens_total += 1
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        new_chars = len(update_text(self.tokenizer, seq))
-        params = seq.params
-        if token in self.eos_token_ids and not params.ignore_eos:
-            seq.finish("stop")
-        elif token in params.stop_token_ids:
-            seq.finish("stop", token)
-        elif seq.num_output_tokens >= params.min_tokens and (
-            stop := find_stop_string(seq, new_chars)
-        ):
-            seq.finish("stop", stop)
-        elif (
-            seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
-            or seq.num_tokens >= self.max_model_len
-        ):
-            seq.finish("length")
 
     def stats(self) -> EngineStats:
         kv = self.kv_cache

@@ -1,4 +1,5 @@
-"""The output processor: what each request's caller gets after a step (vLLM v1's seam).
+"""The output processor (vLLM v1's seam): each new token's text and whether it ends its
+sequence, then what each request's caller gets after a step.
 
 Per request it remembers what it has handed out (characters, tokens and logprobs entries of
 each sequence), so a request with `output_kind=DELTA` gets only what is new: O(new) per step,
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedserve.engine.detokenizer import visible_len, visible_text
+from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_len, visible_text
 from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampling_params import RequestOutputKind
 from pagedserve.engine.sequence import Sequence, SequenceGroup
@@ -39,9 +40,30 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int) -> None:
         self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
         self._states: dict[str, _RequestState] = {}
+
+    def check_stop(self, seq: Sequence, token: int) -> None:
+        """Detokenize `seq`'s newest token `token`, then finish `seq` if it ends the answer:
+        EOS, a stop token, a stop string (the text cut before it), max_tokens, the context."""
+        new_chars = len(update_text(self.tokenizer, seq))
+        params = seq.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish("stop")
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif seq.num_output_tokens >= params.min_tokens and (
+            stop := find_stop_string(seq, new_chars)
+        ):
+            seq.finish("stop", stop)
+        elif (
+            seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish("length")
 
     def add(self, seq: Sequence) -> None:
         """Start a request's output state; a resumed answer's client already holds its

@@ -30,7 +30,8 @@ def replay(
 ) -> None:
     """Take `resume`'s tokens into a fresh `seq` and advance its generator past them; raise
     ValueError, saying why, when they cannot be resumed. `check_stop(seq, token)` is the
-    engine's own: it detokenizes the newest token and finishes the sequence if it ends it."""
+    engine's own (engine/output_processor.py): it detokenizes the newest token and finishes
+    the sequence if it ends it."""
     params, ids = seq.params, resume.output_token_ids
     if params.best_of > 1 or params.use_beam_search:
         raise ValueError("resume continues one sequence: it takes n=1, best_of=1, no beam search")
