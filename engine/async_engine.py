@@ -63,8 +63,9 @@ class AsyncEngine:
         request_id: str,
         resume: Resume | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request (with `resume`, of an answer another engine
-        began: engine/resume.py); bad input raises before the first one."""
+        """Stream the outputs of one request, as `params.output_kind` asks: the whole answer
+        so far (the default), only what is new (DELTA), or the end only (with `resume`, of an
+        answer another engine began: engine/resume.py); bad input raises before the first."""
         self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -39,9 +39,13 @@ def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:
     return best[1]
 
 
-def visible_text(seq: Sequence) -> str:
+def visible_len(seq: Sequence) -> int:
     """While running, hold back a tail that might still become a stop string."""
     if seq.is_finished or not seq.params.stop_strings:
-        return seq.output_text
+        return len(seq.output_text)
     hold = max(len(s) for s in seq.params.stop_strings) - 1
-    return seq.output_text[: max(len(seq.output_text) - hold, 0)]
+    return max(len(seq.output_text) - hold, 0)
+
+
+def visible_text(seq: Sequence) -> str:
+    return seq.output_text[: visible_len(seq)]

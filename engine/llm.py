@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
 from pagedserve.engine.outputs import RequestOutput
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -50,8 +51,12 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         # Validate every prompt before adding any, so a bad one leaves the engine untouched.
+        # Only the final outputs are kept, so only they are made.
+        final = RequestOutputKind.FINAL_ONLY
         seqs = [
-            self.engine.make_sequence(str(next(self._ids)), p, sp)
+            self.engine.make_sequence(
+                str(next(self._ids)), p, dataclasses.replace(sp, output_kind=final)
+            )
             for p, sp in zip(prompts, params, strict=True)
         ]
         order = {s.request_id: i for i, s in enumerate(seqs)}

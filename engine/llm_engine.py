@@ -8,13 +8,13 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from pagedserve.engine.beam_search import BeamSearch, Hypothesis
+from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_text
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
-from pagedserve.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.outputs import EngineStats, RequestOutput
 from pagedserve.engine.parallel import TensorParallelError
 from pagedserve.engine.resume import Resume, replay
 from pagedserve.engine.sampler import Sample
@@ -100,6 +100,9 @@ class LLMEngine:
             self.kv_cache, config.max_num_seqs, config.batched_tokens, config.enable_chunked_prefill
         )
         self.requests: dict[str, SequenceGroup] = {}
+        self.output_processor = OutputProcessor(
+            self.tokenizer, self.eos_token_ids, self.max_model_len
+        )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.runner.warmup()
@@ -185,7 +188,13 @@ class LLMEngine:
         seq = Sequence(request_id, text, token_ids, params, generator=generator)
         if resume is not None:
             try:
-                replay(seq, resume, self._check_stop, self.vocab_size, self.max_model_len)
+                replay(
+                    seq,
+                    resume,
+                    self.output_processor.check_stop,
+                    self.vocab_size,
+                    self.max_model_len,
+                )
             except ValueError as e:
                 raise InvalidRequestError(str(e), param="resume") from e
         return seq
@@ -220,6 +229,7 @@ class LLMEngine:
         else:
             seq.fan_out = params.best_of
         self.requests[seq.request_id] = group
+        self.output_processor.add(seq)
         self.scheduler.add(group)
 
     def add_request(
@@ -238,7 +248,7 @@ class LLMEngine:
         for seq in group.unfinished:
             seq.finish("abort")
         self.scheduler.finish(group)
-        return self._output(group, force=True)
+        return self.output_processor.output(group, force=True)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -269,7 +279,7 @@ class LLMEngine:
             if group.is_finished or (group.beam is not None and group.beam.done):
                 self.scheduler.finish(group)
                 del self.requests[request_id]
-            out = self._output(group)
+            out = self.output_processor.output(group)
             if out is not None:
                 outputs.append(out)
         return outputs
@@ -282,7 +292,7 @@ class LLMEngine:
         if group.beam is not None:  # the best live beams count as hypotheses
             group.beam.finish_live(group.seqs)
         del self.requests[group.request_id]
-        return self._output(group, force=True)
+        return self.output_processor.output(group, force=True)
 
     def _sample_step(self, group: SequenceGroup, seq: Sequence, samples: list[Sample]) -> None:
         targets = [seq]
@@ -295,7 +305,7 @@ class LLMEngine:
             group.seqs.extend(targets[1:])
         for target, sample in zip(targets, samples, strict=True):
             self._append(target, sample)
-            self._check_stop(target, sample.token)
+            self.output_processor.check_stop(target, sample.token)
             if target.is_finished:
                 self.scheduler.free_seq(target)
 
@@ -335,78 +345,6 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             seq.logprobs.append(sample.logprobs_entry(seq.params.logprobs))
         self.generation_tokens_total += 1
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        new_chars = len(update_text(self.tokenizer, seq))
-        params = seq.params
-        if token in self.eos_token_ids and not params.ignore_eos:
-            seq.finish("stop")
-        elif token in params.stop_token_ids:
-            seq.finish("stop", token)
-        elif seq.num_output_tokens >= params.min_tokens and (
-            stop := find_stop_string(seq, new_chars)
-        ):
-            seq.finish("stop", stop)
-        elif (
-            seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
-            or seq.num_tokens >= self.max_model_len
-        ):
-            seq.finish("length")
-
-    def _output(self, group: SequenceGroup, force: bool = False) -> RequestOutput | None:
-        """The request's outputs so far; None while a best_of > n request is still choosing."""
-        params, first = group.params, group.seqs[0]
-        finished = group.is_finished
-        if group.beam is not None:
-            if not finished and not force:
-                return None
-            prompt_len = group.beam.prompt_len
-            completions = [
-                self._hypothesis_output(i, h.token_ids[prompt_len:], h)
-                for i, h in enumerate(group.beam.best(params.n))
-            ]
-        else:
-            seqs = group.seqs
-            if params.best_of > params.n:
-                if not finished and not force:
-                    return None
-                seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: params.n]
-            completions = [
-                CompletionOutput(
-                    index=i,
-                    text=visible_text(seq),
-                    token_ids=seq.output_token_ids,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=seq.logprobs if params.logprobs is not None else None,
-                )  # fmt: skip
-                for i, seq in enumerate(seqs)
-            ]
-        metrics = {"arrival_time": first.arrival_time}
-        if first.first_token_time is not None:
-            metrics["first_token_time"] = first.first_token_time
-        return RequestOutput(
-            request_id=first.request_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
-            outputs=completions,
-            finished=finished,
-            metrics=metrics,
-            prompt_logprobs=first.prompt_logprobs if params.prompt_logprobs is not None else None,
-        )
-
-    def _hypothesis_output(
-        self, index: int, tokens: list[int], hyp: Hypothesis
-    ) -> CompletionOutput:
-        return CompletionOutput(
-            index=index,
-            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-            token_ids=tokens,
-            finish_reason="stop" if hyp.eos else "length",
-            cumulative_logprob=hyp.cumulative_logprob,
-            logprobs=hyp.logprobs,
-        )
 
     def stats(self) -> EngineStats:
         kv = self.kv_cache

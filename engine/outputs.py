@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
+    """One sequence's answer: all of it so far, or with RequestOutputKind.DELTA only what is
+    new (text, token ids and logprobs entries since its previous output; a resumed answer's
+    first delta starts where the client's copy ends)."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -14,6 +18,11 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: the chosen one and the top-k
+    num_output_tokens: int = -1  # output tokens so far, a resumed answer's too (for usage)
+
+    def __post_init__(self) -> None:
+        if self.num_output_tokens < 0:
+            self.num_output_tokens = len(self.token_ids)
 
     @property
     def finished(self) -> bool:

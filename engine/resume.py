@@ -30,7 +30,8 @@ def replay(
 ) -> None:
     """Take `resume`'s tokens into a fresh `seq` and advance its generator past them; raise
     ValueError, saying why, when they cannot be resumed. `check_stop(seq, token)` is the
-    engine's own: it detokenizes the newest token and finishes the sequence if it ends it."""
+    engine's own (engine/output_processor.py): it detokenizes the newest token and finishes
+    the sequence if it ends it."""
     params, ids = seq.params, resume.output_token_ids
     if params.best_of > 1 or params.use_beam_search:
         raise ValueError("resume continues one sequence: it takes n=1, best_of=1, no beam search")
@@ -59,5 +60,6 @@ def replay(
             f"resume.sent_chars must be in [0, {len(seq.output_text)}], the length of the "
             f"resumed tokens' text; got {resume.sent_chars}"
         )
+    seq.sent_chars = resume.sent_chars
     if seq.generator is not None:
         skip_draws(seq.generator, vocab_size, len(ids))

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for, per token
+MAX_TOKEN_ID = 2**31 - 1  # token ids and top_k travel as int32/int64 tensors: bound them there
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request holds (vLLM's names). Beam search and best_of > n
+    choose their answers at the end, so they give one output, when they finish, whatever
+    the kind."""
+
+    CUMULATIVE = "cumulative"  # the whole answer so far
+    DELTA = "delta"  # only what is new since the request's previous output
+    FINAL_ONLY = "final_only"  # one output, the whole answer, when the request finishes
 
 
 @dataclass
@@ -32,6 +44,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -40,8 +53,13 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or a positive number, got {self.top_k}")
+        if not -1 <= self.top_k <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"top_k must be -1 or 0 (off) or a positive number, got {self.top_k} "
+                f"(at most {MAX_TOKEN_ID})"
+            )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -57,14 +75,23 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         self.stop_strings = stops
         if self.stop_token_ids is not None and any(
-            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+            not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids
         ):
-            raise ValueError("stop_token_ids must be a list of non-negative token ids")
+            raise ValueError(
+                f"stop_token_ids must be a list of non-negative token ids (at most {MAX_TOKEN_ID})"
+            )
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
         self._check_penalties()
         self._check_beam_search()
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            kinds = ", ".join(k.value for k in RequestOutputKind)
+            raise ValueError(
+                f"output_kind must be one of {kinds}, got {self.output_kind!r}"
+            ) from None
 
     def _check_counts(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -88,7 +115,10 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 2.0 or math.isnan(self.repetition_penalty):
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         bias = self.logit_bias or {}
-        if any(not isinstance(t, int) or t < 0 or not -100 <= b <= 100 for t, b in bias.items()):
+        if any(
+            not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID or not -100 <= b <= 100
+            for t, b in bias.items()
+        ):
             raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
         self.logit_bias = {int(t): float(b) for t, b in bias.items()}
 

@@ -44,6 +44,7 @@ class Sequence:
     read_offset: int = field(init=False)
     first_token_time: float | None = None
     fan_out: int = 1  # samples to draw at the next sampling step (best_of for a fresh prompt)
+    sent_chars: int = 0  # a resumed answer: characters of its text the client already has
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -154,3 +154,19 @@ def test_float16_on_cpu_is_refused_with_an_alternative() -> None:
     config = EngineConfig(model="unused", device="cpu", dtype="float16")
     with pytest.raises(ValueError, match="float16 is only supported on CUDA"):
         config.torch_dtype(None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_k": 66431829928650674798592},  # found by schemathesis: overflowed a tensor
+        {"top_k": 2**31},
+        {"seed": 2**64},
+        {"seed": -(2**63) - 1},
+        {"stop_token_ids": [2**40]},
+        {"logit_bias": {2**40: 1.0}},
+    ],
+)
+def test_integers_too_large_for_the_engines_tensors_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)

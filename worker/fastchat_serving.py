@@ -122,7 +122,7 @@ class FastChatServing:
         return json.loads(frames[-1][:-1])
 
     def _convert(self, params: GenerateParams) -> tuple[list[int], Any]:
-        from pagedserve.engine.sampling_params import SamplingParams
+        from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
         if params.model is not None and params.model not in self.model_names:
             raise RequestError(
@@ -167,21 +167,15 @@ class FastChatServing:
                 logprobs=params.logprobs,
                 best_of=params.best_of,
                 use_beam_search=bool(params.use_beam_search),
+                output_kind=RequestOutputKind.DELTA,
             )
         except ValueError as e:
             raise RequestError(400, str(e)) from e
         return prompt_ids, sampling
 
-    def _logprobs(self, c: Any, params: GenerateParams) -> dict[str, list[Any]]:
-        """FastChat's (and OpenAI's legacy) logprobs object, cumulative like `text`."""
-        k = params.logprobs or 0
-        offset = len(params.prompt) if params.echo else 0
-        out: dict[str, list[Any]] = {
-            "text_offset": [],
-            "tokens": [],
-            "token_logprobs": [],
-            "top_logprobs": [],
-        }
+    def _add_logprobs(self, out: dict[str, list[Any]], c: Any, k: int, offset: int) -> int:
+        """Extend FastChat's (and OpenAI's legacy) logprobs object, cumulative like `text`,
+        with the delta `c`'s tokens; returns the text offset after them."""
         for token_id, entry in zip(c.token_ids, c.logprobs or [], strict=False):
             text = self._token_str(token_id)
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
@@ -190,29 +184,44 @@ class FastChatServing:
             out["token_logprobs"].append(finite_logprob(entry.get(token_id)))
             out["top_logprobs"].append({self._token_str(t): finite_logprob(lp) for t, lp in top})
             offset += len(text)
-        return out
+        return offset
 
     async def _frames(
         self, stream: RequestStream, params: GenerateParams, n_prompt: int
     ) -> AsyncIterator[bytes]:
-        sent = None
+        """FastChat's frames hold the whole answer so far: the engine's deltas added up."""
+        texts = [params.prompt] if params.echo else []
+        num_tokens = 0
+        logprobs: dict[str, list[Any]] = {
+            "text_offset": [],
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+        }
+        offset = len(params.prompt) if params.echo else 0
+        started = False
         try:
             async for out in stream:
                 c = out.outputs[0]
-                text = params.prompt + c.text if params.echo else c.text
-                if text == sent and not out.finished:
+                texts.append(c.text)
+                num_tokens = c.num_output_tokens
+                if params.logprobs is not None:
+                    offset = self._add_logprobs(logprobs, c, params.logprobs or 0, offset)
+                if started and not c.text and not out.finished:
                     continue
-                sent = text
+                started = True
+                text = "".join(texts)
+                texts = [text]
                 body = GenerateFrame(
                     text=text,
                     usage=Usage(
                         prompt_tokens=n_prompt,
-                        completion_tokens=len(c.token_ids),
-                        total_tokens=n_prompt + len(c.token_ids),
+                        completion_tokens=num_tokens,
+                        total_tokens=n_prompt + num_tokens,
                     ),
                 ).model_dump()
                 if params.logprobs is not None:
-                    body["logprobs"] = self._logprobs(c, params)
+                    body["logprobs"] = logprobs
                 if out.finished:
                     yield frame(body)  # once without finish_reason, as FastChat's workers do
                     yield frame({**body, "finish_reason": c.finish_reason})

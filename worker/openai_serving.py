@@ -9,16 +9,18 @@ prompt whose `n` outputs are the choices), start (bad input fails here, before a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
 from pydantic import BaseModel
 
+from pagedserve.engine.outputs import CompletionOutput
 from pagedserve.protocol.fastchat import ErrorCode
 from pagedserve.protocol.openai import (
     AssistantMessage,
@@ -101,8 +103,8 @@ class _Job:
 
 
 class _Progress:
-    """What a stream has sent of one choice: characters, tokens (for logprobs and token ids),
-    the end. A resumed answer starts where the client's copy of it ends."""
+    """What a stream has sent of one choice: characters (for logprobs' text offsets), output
+    tokens (for usage), the end. A resumed answer starts where the client's copy ends."""
 
     def __init__(self, resume: ResumeFrom | None = None) -> None:
         self.chars = resume.sent_chars if resume else 0
@@ -111,10 +113,34 @@ class _Progress:
         self.finished = False
 
     def sent(self, c: Any) -> None:
-        """Note that the stream now holds `c`'s text and tokens."""
+        """Note that the stream now holds the delta `c` (engine/output_processor.py)."""
         self.started = True
-        self.chars = max(self.chars, len(c.text))
-        self.tokens = len(c.token_ids)
+        self.chars += len(c.text)
+        self.tokens = c.num_output_tokens
+        self.finished = c.finish_reason is not None
+
+
+class _Answer:
+    """One choice of a non-streaming request, put together from its deltas."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = None
+        self.last: CompletionOutput | None = None
+
+    def add(self, c: CompletionOutput) -> None:
+        self.texts.append(c.text)
+        self.token_ids += c.token_ids
+        if c.logprobs is not None:
+            self.logprobs = self.logprobs or []
+            self.logprobs += c.logprobs
+        self.last = c
+
+    def whole(self) -> CompletionOutput:
+        return dataclasses.replace(
+            self.last, text="".join(self.texts), token_ids=self.token_ids, logprobs=self.logprobs
+        )
 
 
 class OpenAIServing:
@@ -199,22 +225,24 @@ class OpenAIServing:
         completion = completion_id("cmpl", request_id)
         if req.stream:
             return self._stream_completion(req, completion, jobs, streams)
-        outputs = await self._collect(streams)
+        answers = await self._collect(streams)
         echo = req.echo and req.resume is None  # a resumed answer's prompt was sent before
+        skip = _Progress(req.resume)  # what a resumed answer's client already has
         choices = []
-        for job, out in zip(jobs, outputs, strict=True):
+        for job, outputs in zip(jobs, answers, strict=True):
             prefix = (job.prompt_text or "") if echo else ""
-            for c in out.outputs:
-                p = _Progress(req.resume)
+            for c in outputs:
                 choices.append(
                     CompletionResponseChoice(
                         index=job.choice(c.index),
-                        text=prefix + c.text[p.chars :],
+                        text=prefix + c.text,
                         logprobs=None
                         if req.logprobs is None
-                        else self._completion_logprobs(c, 0, len(prefix) + p.chars, req.logprobs),
+                        else self._completion_logprobs(
+                            c, 0, len(prefix) + skip.chars, req.logprobs
+                        ),
                         finish_reason=c.finish_reason,
-                        token_ids=c.token_ids[p.tokens :] if req.return_token_ids else None,
+                        token_ids=c.token_ids if req.return_token_ids else None,
                     )
                 )
         choices.sort(key=lambda c: c.index)
@@ -223,11 +251,11 @@ class OpenAIServing:
             model=req.model,
             system_fingerprint=self.fingerprint,
             choices=choices,
-            usage=self._usage(jobs, outputs),
+            usage=self._usage(jobs, sum(c.num_output_tokens for cs in answers for c in cs)),
             prompt_token_ids=jobs[0].prompt_ids if req.return_token_ids else None,
         )
 
-    async def _stream_completion(
+    def _stream_completion(
         self,
         req: CompletionRequest,
         request_id: str,
@@ -235,49 +263,30 @@ class OpenAIServing:
         streams: list[RequestStream],
     ) -> AsyncIterator[str]:
         chunk = self._chunker(CompletionStreamResponse, req, request_id, jobs[0].prompt_ids)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wants_tokens = req.logprobs is not None or req.return_token_ids
-        progress: dict[tuple[int, int], _Progress] = {}
-        last: list[Any] = [None] * len(jobs)
-        async with aclosing(self._guarded(streams)) as items:
-            async for i, out in items:
-                if isinstance(out, str):  # an error event
-                    yield out
-                    continue
-                job, last[i] = jobs[i], out
-                for c in out.outputs:
-                    p = progress.setdefault((i, c.index), _Progress(req.resume))
-                    if p.finished:
-                        continue
-                    echo = (job.prompt_text or "") if req.echo and not p.started else ""
-                    delta = echo + c.text[p.chars :]
-                    new_tokens = len(c.token_ids) - p.tokens
-                    finished = c.finish_reason is not None
-                    if not (delta or finished or (wants_tokens and new_tokens > 0)):
-                        continue
-                    logprobs = None
-                    if req.logprobs is not None:
-                        offset = p.chars + (len(job.prompt_text or "") if req.echo else 0)
-                        logprobs = self._completion_logprobs(
-                            c, p.tokens, offset + len(echo), req.logprobs
-                        )
-                    token_ids = c.token_ids[p.tokens :] if req.return_token_ids else None
-                    p.sent(c)
-                    p.finished = finished
-                    yield chunk(
-                        [
-                            CompletionResponseStreamChoice(
-                                index=job.choice(c.index),
-                                text=delta,
-                                logprobs=logprobs,
-                                finish_reason=c.finish_reason if finished else None,
-                                token_ids=token_ids,
-                            )
-                        ]
+
+        def render(job: _Job, c: Any, p: _Progress) -> Iterator[str]:
+            echo = (job.prompt_text or "") if req.echo and not p.started else ""
+            finished = c.finish_reason is not None
+            if not (echo or c.text or finished or (wants_tokens and c.token_ids)):
+                return
+            logprobs = None
+            if req.logprobs is not None:
+                offset = p.chars + (len(job.prompt_text or "") if req.echo else 0)
+                logprobs = self._completion_logprobs(c, 0, offset + len(echo), req.logprobs)
+            yield chunk(
+                [
+                    CompletionResponseStreamChoice(
+                        index=job.choice(c.index),
+                        text=echo + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        token_ids=c.token_ids if req.return_token_ids else None,
                     )
-        if include_usage and all(o is not None for o in last):
-            yield chunk([], self._usage(jobs, last))
-        yield DONE
+                ]
+            )
+
+        return self._stream(req, jobs, streams, chunk, render)
 
     # -- /v1/chat/completions ---------------------------------------------------------------
 
@@ -302,29 +311,28 @@ class OpenAIServing:
         completion = completion_id("chatcmpl", request_id)
         if req.stream:
             return self._stream_chat(req, completion, jobs, streams, top)
-        outputs = await self._collect(streams)
-        skip = _Progress(req.resume)  # what a resumed answer's client already has
+        answers = await self._collect(streams)
         choices = [
             ChatCompletionResponseChoice(
                 index=job.choice(c.index),
-                message=AssistantMessage(content=c.text[skip.chars :]),
+                message=AssistantMessage(content=c.text),
                 logprobs=None if top is None else self._chat_logprobs(c, 0, top),
                 finish_reason=c.finish_reason,
-                token_ids=c.token_ids[skip.tokens :] if req.return_token_ids else None,
+                token_ids=c.token_ids if req.return_token_ids else None,
             )
-            for job, out in zip(jobs, outputs, strict=True)
-            for c in out.outputs
+            for job, outputs in zip(jobs, answers, strict=True)
+            for c in outputs
         ]
         return ChatCompletionResponse(
             id=completion,
             model=req.model,
             system_fingerprint=self.fingerprint,
             choices=choices,
-            usage=self._usage(jobs, outputs),
+            usage=self._usage(jobs, sum(c.num_output_tokens for cs in answers for c in cs)),
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
         )
 
-    async def _stream_chat(
+    def _stream_chat(
         self,
         req: ChatCompletionRequest,
         request_id: str,
@@ -333,69 +341,69 @@ class OpenAIServing:
         top: int | None,
     ) -> AsyncIterator[str]:
         chunk = self._chunker(ChatCompletionStreamResponse, req, request_id, jobs[0].prompt_ids)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         no_ids = [] if req.return_token_ids else None  # token ids of a chunk that adds none
-        for job in jobs if req.resume is None else []:  # first, the role of every choice
-            for k in range(job.n):
-                yield chunk(
-                    [
-                        ChatCompletionResponseStreamChoice(
-                            index=job.choice(k),
-                            delta=DeltaMessage(role="assistant", content=""),
-                            finish_reason=None,
-                            token_ids=no_ids,
-                        )
-                    ]
-                )
         wants_tokens = top is not None or req.return_token_ids
+
+        def choice(job: _Job, index: int, delta: DeltaMessage, **fields: Any) -> str:
+            fields.setdefault("finish_reason", None)
+            fields.setdefault("token_ids", no_ids)
+            return chunk(
+                [ChatCompletionResponseStreamChoice(index=job.choice(index), delta=delta, **fields)]
+            )
+
+        def roles() -> Iterator[str]:  # first, the role of every choice
+            for job in jobs if req.resume is None else []:
+                for k in range(job.n):
+                    yield choice(job, k, DeltaMessage(role="assistant", content=""))
+
+        def render(job: _Job, c: Any, p: _Progress) -> Iterator[str]:
+            if c.text or (wants_tokens and c.token_ids):
+                yield choice(
+                    job,
+                    c.index,
+                    DeltaMessage(content=c.text),
+                    logprobs=None if top is None else self._chat_logprobs(c, 0, top),
+                    token_ids=c.token_ids if no_ids is not None else None,
+                )
+            if c.finish_reason is not None:
+                yield choice(job, c.index, DeltaMessage(), finish_reason=c.finish_reason)
+
+        return self._stream(req, jobs, streams, chunk, render, roles())
+
+    # -- the shared steps -------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        req: SamplingFields,
+        jobs: list[_Job],
+        streams: list[RequestStream],
+        chunk: Callable[..., str],
+        render: Callable[[_Job, Any, _Progress], Iterator[str]],
+        head: Iterable[str] = (),
+    ) -> AsyncIterator[str]:
+        """The stream loop of both endpoints: `head`, then every choice's deltas as
+        `render(job, delta, progress)` formats them, then usage if asked, then [DONE]."""
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        for item in head:
+            yield item
         progress: dict[tuple[int, int], _Progress] = {}
-        last: list[Any] = [None] * len(jobs)
+        seen: set[int] = set()  # jobs that have sent an output
         async with aclosing(self._guarded(streams)) as items:
             async for i, out in items:
-                if isinstance(out, str):
+                if isinstance(out, str):  # an error event
                     yield out
                     continue
-                job, last[i] = jobs[i], out
+                seen.add(i)
                 for c in out.outputs:
                     p = progress.setdefault((i, c.index), _Progress(req.resume))
                     if p.finished:
                         continue
-                    delta = c.text[p.chars :]
-                    new_tokens = len(c.token_ids) - p.tokens
-                    if delta or (wants_tokens and new_tokens > 0):
-                        yield chunk(
-                            [
-                                ChatCompletionResponseStreamChoice(
-                                    index=job.choice(c.index),
-                                    delta=DeltaMessage(content=delta),
-                                    logprobs=None
-                                    if top is None
-                                    else self._chat_logprobs(c, p.tokens, top),
-                                    finish_reason=None,
-                                    token_ids=c.token_ids[p.tokens :]
-                                    if no_ids is not None
-                                    else None,
-                                )
-                            ]
-                        )
+                    for item in render(jobs[i], c, p):
+                        yield item
                     p.sent(c)
-                    if c.finish_reason is not None:
-                        p.finished = True
-                        yield chunk(
-                            [
-                                ChatCompletionResponseStreamChoice(
-                                    index=job.choice(c.index),
-                                    delta=DeltaMessage(),
-                                    finish_reason=c.finish_reason,
-                                    token_ids=no_ids,
-                                )
-                            ]
-                        )
-        if include_usage and all(o is not None for o in last):
-            yield chunk([], self._usage(jobs, last))
+        if include_usage and len(seen) == len(jobs):
+            yield chunk([], self._usage(jobs, sum(p.tokens for p in progress.values())))
         yield DONE
-
-    # -- the shared steps -------------------------------------------------------------------
 
     def _validate(self, req: SamplingFields) -> None:
         if req.model not in self.model_names:
@@ -428,7 +436,7 @@ class OpenAIServing:
         logprobs: int | None,
         chat: bool = False,
     ) -> Any:
-        from pagedserve.engine.sampling_params import SamplingParams
+        from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         stop_ids = list(req.stop_token_ids or [])
@@ -462,6 +470,7 @@ class OpenAIServing:
                 logit_bias={int(k): v for k, v in req.logit_bias.items()}
                 if req.logit_bias
                 else None,
+                output_kind=RequestOutputKind.DELTA,  # streams send, and collect joins, deltas
             )
         except ValueError as e:
             raise RequestError(400, str(e)) from e
@@ -591,12 +600,14 @@ class OpenAIServing:
             streams = [await self.requests.start(*engine_jobs[0], route, resume=resume)]
         return jobs, streams
 
-    async def _collect(self, streams: list[RequestStream]) -> list[Any]:
-        outputs: list[Any] = [None] * len(streams)
+    async def _collect(self, streams: list[RequestStream]) -> list[list[CompletionOutput]]:
+        """Each stream's answers (by output index), put together from its deltas."""
+        answers: list[dict[int, _Answer]] = [{} for _ in streams]
         async with aclosing(merged(streams)) as items:
             async for i, out in items:
-                outputs[i] = out
-        return outputs
+                for c in out.outputs:
+                    answers[i].setdefault(c.index, _Answer()).add(c)
+        return [[a.whole() for _, a in sorted(job.items())] for job in answers]
 
     async def _guarded(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
         """The merged outputs; an engine failure mid-stream becomes one OpenAI error event."""
@@ -611,9 +622,9 @@ class OpenAIServing:
             yield -1, sse(error)
 
     @staticmethod
-    def _usage(jobs: Sequence[_Job], outputs: Sequence[Any]) -> UsageInfo:
+    def _usage(jobs: Sequence[_Job], completion: int) -> UsageInfo:
+        """`completion`: the output tokens of every choice (a resumed answer's old ones too)."""
         prompt = sum(len(ids) for ids in {j.prompt_index: j.prompt_ids for j in jobs}.values())
-        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return UsageInfo(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
