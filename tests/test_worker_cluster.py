@@ -155,9 +155,16 @@ def _pick_while_busy(cluster: Cluster, busy: ServerProcess) -> tuple[str, bool]:
     for t in holders:
         t.start()
     try:
-        wait_until(
-            lambda: cluster.registered()[busy.url]["queue_length"] >= 3, 5, what="load reported"
-        )
+        # ... and until the other worker's heartbeat has cleared what earlier tests dispatched
+        # to it (requests the controller counts until the worker reports its own queue)
+        def loads_reported() -> bool:
+            registered = cluster.registered()
+            others = [w for url, w in registered.items() if url != busy.url]
+            return registered[busy.url]["queue_length"] >= 3 and all(
+                w["dispatched"] == 0 for w in others
+            )
+
+        wait_until(loads_reported, 10, what="load reported")
         picked = cluster.address()
         return picked, not ended.is_set()
     finally:
