@@ -734,7 +734,8 @@ def test_metrics_show_kv_waste_sharing_and_the_hit_rate_live(worker: ServerProce
         waste.append(metric(worker, "pagedserve_worker_kv_cache_waste"))
     t.join(30)
     assert max(shared) >= 1, shared
-    assert all(0.0 <= w < 1.0 for w in waste) and max(waste) > 0.0, waste
+    # (1.0 is right for the moment between a block's allocation and its prefill)
+    assert all(0.0 <= w <= 1.0 for w in waste) and any(0.0 < w < 1.0 for w in waste), waste
     queried = metric(worker, "pagedserve_worker_prefix_cache_queries_total")
     hits = metric(worker, "pagedserve_worker_prefix_cache_hits_total")
     assert metric(worker, "pagedserve_worker_prefix_cache_hit_rate") == pytest.approx(
