@@ -69,10 +69,10 @@ class AsyncEngine:
         self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(request_id, prompt, params, resume)
+        request = self.engine.make_request(request_id, prompt, params, resume)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._to_add.append(seq)
+        self._to_add.append(request)
         self._kick()
         finished = False
         try:
@@ -115,12 +115,12 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         adds, self._to_add = self._to_add, []
-        for seq in adds:
-            if seq.request_id in self._streams:  # not abandoned before it started
+        for request in adds:
+            if request.request_id in self._streams:  # not abandoned before it started
                 try:
-                    self.engine.add_sequence(seq)
-                except EngineDeadError as e:
-                    self._streams[seq.request_id].put_nowait(e)
+                    self.engine.add(request)
+                except (EngineDeadError, ValueError) as e:  # ValueError: cannot be resumed
+                    self._streams[request.request_id].put_nowait(e)
         aborts, self._to_abort = self._to_abort, []
         for request_id in aborts:
             out = self.engine.abort_request(request_id)

@@ -45,6 +45,8 @@ class BeamSearch:
     early_stopping: bool | str = False
     logprobs: int | None = None  # top-k alternatives to report per token (None: none)
     scores: dict[int, float] = field(default_factory=dict)  # live beam seq_id -> score
+    # live beam seq_id -> its tokens' logprobs entries (when `logprobs` asks for them)
+    token_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
     hyps: list[Hypothesis] = field(init=False)
     improvable: bool = True
     done: bool = False
@@ -94,6 +96,17 @@ class BeamSearch:
         )
         return running
 
+    def extend_logprobs(self, beams: list[tuple[int, Candidate]]) -> None:
+        """The next beams (seq_id, and the candidate it continues with) take their parents'
+        logprobs entries plus their new token's."""
+        if self.logprobs is None:
+            return
+        old = self.token_logprobs
+        self.token_logprobs = {
+            seq_id: old.get(c.parent.seq_id, []) + [c.logprobs_entry(self.logprobs)]
+            for seq_id, c in beams
+        }
+
     def running_score(self, rank: int) -> float:
         return self._running_scores[rank]
 
@@ -108,7 +121,9 @@ class BeamSearch:
                 tokens = c.parent.token_ids + [c.token]
                 logprobs = None
                 if self.logprobs is not None:
-                    logprobs = c.parent.logprobs + [c.logprobs_entry(self.logprobs)]
+                    logprobs = self.token_logprobs.get(c.parent.seq_id, []) + [
+                        c.logprobs_entry(self.logprobs)
+                    ]
                 eos = c.token in self.eos_token_ids
                 new.append(Hypothesis(score, True, tokens, c.score, eos, logprobs))
         merged = self.hyps + new
@@ -139,7 +154,9 @@ class BeamSearch:
                     True,
                     list(beam.token_ids),
                     score,
-                    logprobs=None if self.logprobs is None else list(beam.logprobs),
+                    logprobs=None
+                    if self.logprobs is None
+                    else list(self.token_logprobs.get(beam.seq_id, [])),
                 )
             )
         self.hyps = sorted(self.hyps, key=lambda h: -h.score)[: self.width]

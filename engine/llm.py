@@ -53,17 +53,17 @@ class LLM:
         # Validate every prompt before adding any, so a bad one leaves the engine untouched.
         # Only the final outputs are kept, so only they are made.
         final = RequestOutputKind.FINAL_ONLY
-        seqs = [
-            self.engine.make_sequence(
+        requests = [
+            self.engine.make_request(
                 str(next(self._ids)), p, dataclasses.replace(sp, output_kind=final)
             )
             for p, sp in zip(prompts, params, strict=True)
         ]
-        order = {s.request_id: i for i, s in enumerate(seqs)}
-        for seq in seqs:
-            self.engine.add_sequence(seq)
-        results: list[RequestOutput | None] = [None] * len(seqs)
-        with tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        order = {r.request_id: i for i, r in enumerate(requests)}
+        for request in requests:
+            self.engine.add(request)
+        results: list[RequestOutput | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -35,6 +36,14 @@ class StepChannel(Protocol):
     def step(self, step: StepInput) -> contextlib.AbstractContextManager[None]:
         """Send `step`; the block runs rank 0's part of it while the others run theirs."""
         ...
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results, keyed by sequence id: what was sampled, and prompt logprobs."""
+
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, float] | None]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -224,28 +233,29 @@ class ModelRunner:
             return self.run_step(step)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[int, list[Sample]]:
-        """Run one step; returns {seq_id: samples} for sequences that finished their input
-        (`seq.fan_out` samples each: several when a prompt fans out into best_of)."""
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step: samples for the sequences that finished their input (`seq.fan_out`
+        each: several when a prompt fans out into best_of), and the prompt logprobs asked for."""
         step, sampled, plans = self.prepare_step(sched)
         logits = iter(self._run(step))
-        self._prompt_logprobs(plans, logits)
-        if not sampled:
-            return {}
-        fan_out = [seq.fan_out for seq in sampled]
-        tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
-        samples = iter(sample(next(logits), tensors))
-        return {
-            seq.seq_id: [next(samples) for _ in range(k)]
-            for seq, k in zip(sampled, fan_out, strict=True)
-        }
+        out = RunnerOutput(prompt_logprobs=self._prompt_logprobs(plans, logits))
+        if sampled:
+            fan_out = [seq.fan_out for seq in sampled]
+            tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
+            samples = iter(sample(next(logits), tensors))
+            out.samples = {
+                seq.seq_id: [next(samples) for _ in range(k)]
+                for seq, k in zip(sampled, fan_out, strict=True)
+            }
+        return out
 
-    def _prompt_logprobs(self, plans, logits) -> None:
-        """Logprobs of each prompt token given the ones before it, for requests that ask."""
+    def _prompt_logprobs(self, plans, logits) -> dict[int, list[dict[int, float] | None]]:
+        """Logprobs of each prompt token given the ones before it, for requests that ask: the
+        entries this step computed, per sequence (None for the first prompt token)."""
+        entries: dict[int, list[dict[int, float] | None]] = {}
         for seq, start, end in plans:
             k = seq.params.prompt_logprobs
-            if start == 0:
-                seq.prompt_logprobs = [None]
+            new = entries.setdefault(seq.seq_id, [None] if start == 0 else [])
             if end <= start:
                 continue
             logprobs = next(logits).float().log_softmax(-1)
@@ -256,7 +266,8 @@ class ModelRunner:
                 entry = {token: lp}
                 if top is not None:
                     entry.update(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
-                seq.prompt_logprobs.append(entry)
+                new.append(entry)
+        return entries
 
     def warmup(self) -> float:
         """One forward pass so the first request does not pay for lazy initialisation."""

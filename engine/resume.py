@@ -3,7 +3,7 @@
 The new sequence starts with those tokens already in its output, as a sequence preempted
 with recompute does: the scheduler prefills prompt and outputs together, and max_tokens,
 min_tokens, penalties and stop checks count the whole answer. The tokens go through the
-detokenizer and the stop checks one by one, exactly as if this engine had sampled them, so
+stop checks and the detokenizer one by one, exactly as if this engine had sampled them, so
 the text and the state it carries on from are the uninterrupted run's."""
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def replay(
     seq: Sequence,
     resume: Resume,
     check_stop: Callable[[Sequence, int], None],
+    take_text: Callable[[int, bool], str | None],
     vocab_size: int,
     max_model_len: int,
 ) -> None:
     """Take `resume`'s tokens into a fresh `seq` and advance its generator past them; raise
     ValueError, saying why, when they cannot be resumed. `check_stop(seq, token)` is the
-    engine's own (engine/output_processor.py): it detokenizes the newest token and finishes
-    the sequence if it ends it."""
+    engine core's (EOS, stop tokens, length); `take_text(token, ended)` the output
+    processor's: it detokenizes the token and returns the stop string it completes."""
     params, ids = seq.params, resume.output_token_ids
     if params.best_of > 1 or params.use_beam_search:
         raise ValueError("resume continues one sequence: it takes n=1, best_of=1, no beam search")
@@ -50,16 +51,13 @@ def replay(
     for i, token in enumerate(ids):
         seq.token_ids.append(token)
         check_stop(seq, token)
+        stop = take_text(token, seq.finish_reason == "stop")
+        if stop is not None:
+            seq.finish("stop", stop)
         if seq.is_finished:
             raise ValueError(
                 f"the answer already ended at resumed token {i} (finish_reason "
                 f"{seq.finish_reason!r}, stop {seq.stop_reason!r}); nothing is left to generate"
             )
-    if not 0 <= resume.sent_chars <= len(seq.output_text):
-        raise ValueError(
-            f"resume.sent_chars must be in [0, {len(seq.output_text)}], the length of the "
-            f"resumed tokens' text; got {resume.sent_chars}"
-        )
-    seq.sent_chars = resume.sent_chars
     if seq.generator is not None:
         skip_draws(seq.generator, vocab_size, len(ids))

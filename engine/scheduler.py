@@ -111,7 +111,8 @@ class Scheduler:
             seats -= self._seats(group)
             budget -= self._commit(plan, out)
         self.running.sort(key=lambda g: g.arrival_time)
-        out.block_tables = [self.kv_cache.block_tables[s.seq_id] for s in out.seqs]
+        # Copies: the runner (and other ranks) must not see the manager's lists change.
+        out.block_tables = [list(self.kv_cache.block_tables[s.seq_id]) for s in out.seqs]
         out.block_copies = self.kv_cache.take_copies()
         return out
 

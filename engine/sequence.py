@@ -1,5 +1,8 @@
 """Sequences and the groups they form: one request, its prompt, and the continuations that
-share its KV blocks (parallel samples, best_of candidates, beams)."""
+share its KV blocks (parallel samples, best_of candidates, beams).
+
+A sequence is the engine core's plain record of token ids and where they stand; their text,
+logprobs and what the caller has been sent are the output processor's."""
 
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ class SequenceStatus(enum.Enum):
 @dataclass
 class Sequence:
     request_id: str
-    prompt: str | None
     token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
@@ -36,20 +38,11 @@ class Sequence:
     generator: torch.Generator | None = None
     num_prompt_tokens: int = field(init=False)
     cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token
-    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
-    # Incremental detokenization state (see detokenizer.py).
-    output_text: str = ""
-    prefix_offset: int = field(init=False)
-    read_offset: int = field(init=False)
     first_token_time: float | None = None
     fan_out: int = 1  # samples to draw at the next sampling step (best_of for a fresh prompt)
-    sent_chars: int = 0  # a resumed answer: characters of its text the client already has
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
-        self.read_offset = self.num_prompt_tokens
-        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
 
     @property
     def num_tokens(self) -> int:
@@ -75,15 +68,12 @@ class Sequence:
     def fork(self) -> Sequence:
         """A copy that continues from here; the KV cache manager shares the blocks."""
         child = Sequence(
-            self.request_id, self.prompt, list(self.token_ids), self.params,
+            self.request_id, list(self.token_ids), self.params,
             arrival_time=self.arrival_time, status=self.status,
             num_computed_tokens=self.num_computed_tokens, generator=self.generator,
-            cumulative_logprob=self.cumulative_logprob, logprobs=list(self.logprobs),
-            prompt_logprobs=self.prompt_logprobs, output_text=self.output_text,
-            first_token_time=self.first_token_time,
+            cumulative_logprob=self.cumulative_logprob, first_token_time=self.first_token_time,
         )  # fmt: skip
         child.num_prompt_tokens = self.num_prompt_tokens
-        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
         return child
 
 

@@ -17,7 +17,7 @@ def make_seq(
     num_tokens: int, request_id: str = "r", params: SamplingParams | None = None
 ) -> Sequence:
     tokens = list(range(10, 10 + num_tokens))
-    return Sequence(request_id, None, tokens, params or SamplingParams())
+    return Sequence(request_id, tokens, params or SamplingParams())
 
 
 def prefill(kv: KVCacheManager, seq: Sequence) -> None:
@@ -498,7 +498,7 @@ def test_freeing_drops_a_cached_prefix_from_its_tail() -> None:
     table = list(kv.block_tables[first.seq_id])
     kv.free(first)
     assert kv.pool.num_cached == 3
-    other = Sequence("other", None, [1, 2, 3, 4], SamplingParams())
+    other = Sequence("other", [1, 2, 3, 4], SamplingParams())
     computed(kv, other)  # takes one block: the tail of the freed prefix
     assert kv.pool.num_evictions == 1
     assert kv.cached_prefix(make_seq(13)) == table[:2], "the head of the prefix is still cached"

@@ -173,7 +173,7 @@ def test_the_engine_resolves_its_backend_once_at_start(
         monkeypatch.setenv(ops.ENV_VAR, env)
     llm = LLM(tiny_llama, attention_backend=configured, device="cpu", kv_cache_memory=1 << 20,
               max_model_len=64)  # fmt: skip
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     assert runner.attention_backend == backend
     assert runner.kernels is ops.backend_module(backend)
     layers = [m for m in runner.model.modules() if isinstance(m, KERNEL_LAYERS)]

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pagedserve.engine.detokenizer import find_stop_string, update_text, visible_text
-from pagedserve.engine.sampling_params import SamplingParams
-from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.detokenizer import IncrementalText
 
 TEXTS = [
     "Hello world, the cat sat on the mat.",
@@ -29,31 +27,34 @@ def tokenizer(tiny_llama: Path):
 
 @dataclass
 class Stream:
-    seq: Sequence
+    text: IncrementalText
+    num_output_tokens: int = 0
     chunks: list[str] = field(default_factory=list)  # what update_text returned per token
     visible: list[str] = field(default_factory=list)  # visible_text after each token
     stop: str | None = None
 
 
-def stream(tokenizer, prompt: str, output_ids: list[int], **params) -> Stream:
+def stream(
+    tokenizer,
+    prompt: str,
+    output_ids: list[int],
+    stop: list[str] = (),
+    skip_special_tokens: bool = True,
+) -> Stream:
     """Feed `output_ids` one at a time the way the engine does, stopping on a stop string."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    seq = Sequence("r", prompt, prompt_ids, SamplingParams(max_tokens=None, **params))
-    result = Stream(seq)
+    result = Stream(IncrementalText(prompt_ids, skip_special_tokens))
     for token in output_ids:
-        seq.token_ids.append(token)
-        new = update_text(tokenizer, seq)
+        new = result.text.append(tokenizer, token)
+        result.num_output_tokens += 1
         result.chunks.append(new)
-        stop = find_stop_string(seq, len(new))
-        if stop is not None:
-            seq.finish("stop", stop)
-            result.stop = stop
-        result.visible.append(visible_text(seq))
-        if seq.is_finished:
+        result.stop = result.text.cut_at_stop(stop, len(new))
+        finished = result.stop is not None
+        result.visible.append(result.text.visible(stop, finished))
+        if finished:
             break
     else:
-        seq.finish("length")
-        result.visible.append(visible_text(seq))
+        result.visible.append(result.text.visible(stop, True))
     return result
 
 
@@ -72,8 +73,8 @@ def spans_token_boundary(tokenizer, ids: list[int], stop: str) -> bool:
 def test_incremental_text_equals_decoding_all_output_tokens(tokenizer, text: str) -> None:
     ids = encode(tokenizer, text)
     result = stream(tokenizer, "The answer:", ids)
-    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=True)
-    assert result.seq.output_text == text
+    assert result.text.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert result.text.text == text
     assert "".join(result.chunks) == text
 
 
@@ -99,25 +100,24 @@ def test_an_incomplete_character_is_held_back_not_emitted_as_a_replacement(token
 
 def test_incremental_text_with_an_empty_prompt_window(tokenizer) -> None:
     ids = encode(tokenizer, "déjà 東京")
-    seq = Sequence("r", None, [encode(tokenizer, "x")[0]], SamplingParams())
+    text = IncrementalText([encode(tokenizer, "x")[0]])
     for token in ids:
-        seq.token_ids.append(token)
-        update_text(tokenizer, seq)
-    assert seq.output_text == "déjà 東京"
+        text.append(tokenizer, token)
+    assert text.text == "déjà 東京"
 
 
 def test_special_tokens_are_skipped_like_decode_does(tokenizer) -> None:
     ids = encode(tokenizer, "one two") + [tokenizer.eos_token_id] + encode(tokenizer, " three")
     result = stream(tokenizer, "Count:", ids)
-    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=True)
-    assert "</s>" not in result.seq.output_text
+    assert result.text.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "</s>" not in result.text.text
 
 
 def test_special_tokens_are_kept_when_asked(tokenizer) -> None:
     ids = encode(tokenizer, "one") + [tokenizer.eos_token_id]
     result = stream(tokenizer, "Count:", ids, skip_special_tokens=False)
-    assert result.seq.output_text == tokenizer.decode(ids, skip_special_tokens=False)
-    assert result.seq.output_text.endswith("</s>")
+    assert result.text.text == tokenizer.decode(ids, skip_special_tokens=False)
+    assert result.text.text.endswith("</s>")
 
 
 # --- stop strings ---------------------------------------------------------------------------
@@ -138,8 +138,8 @@ def test_stop_string_spanning_tokens_cuts_the_text_before_it(tokenizer, text, st
     assert spans_token_boundary(tokenizer, ids, stop)
     result = stream(tokenizer, "Say:", ids, stop=[stop])
     assert result.stop == stop
-    assert result.seq.output_text == text[: text.index(stop)]
-    assert stop not in result.seq.output_text
+    assert result.text.text == text[: text.index(stop)]
+    assert stop not in result.text.text
     assert result.visible[-1] == text[: text.index(stop)]
 
 
@@ -149,7 +149,7 @@ def test_generation_stops_at_the_token_that_completes_the_stop_string(tokenizer)
     result = stream(tokenizer, "Say:", ids, stop=["STOP"])
     decoded = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
     completing = next(i for i, t in enumerate(decoded) if "STOP" in t)
-    assert result.seq.num_output_tokens == completing + 1
+    assert result.num_output_tokens == completing + 1
 
 
 def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:
@@ -158,29 +158,29 @@ def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:
     # "beta gam" starts before "gamma" and is complete no later than it.
     result = stream(tokenizer, "Say:", ids, stop=["gamma", "beta gam"])
     assert result.stop == "beta gam"
-    assert result.seq.output_text == "alpha "
+    assert result.text.text == "alpha "
 
 
 def test_earliest_starting_stop_string_wins_when_both_complete_on_one_token() -> None:
-    seq = Sequence("r", None, [1], SamplingParams(stop=["cd", "bcd"]))
-    seq.output_text = "abcde"
-    assert find_stop_string(seq, 5) == "bcd"
-    assert seq.output_text == "a"
+    text = IncrementalText([1])
+    text.text = "abcde"
+    assert text.cut_at_stop(["cd", "bcd"], 5) == "bcd"
+    assert text.text == "a"
 
 
 def test_stop_string_already_passed_is_not_found_again() -> None:
     # Only the new characters (and the stop string's length before them) are searched.
-    seq = Sequence("r", None, [1], SamplingParams(stop=["ab"]))
-    seq.output_text = "xxabyyyy"
-    assert find_stop_string(seq, 2) is None
-    assert seq.output_text == "xxabyyyy"
+    text = IncrementalText([1])
+    text.text = "xxabyyyy"
+    assert text.cut_at_stop(["ab"], 2) is None
+    assert text.text == "xxabyyyy"
 
 
 def test_no_stop_string_leaves_the_text_whole(tokenizer) -> None:
     text = "one two three"
     result = stream(tokenizer, "Say:", encode(tokenizer, text), stop=["four"])
     assert result.stop is None
-    assert result.seq.output_text == text
+    assert result.text.text == text
     assert result.visible[-1] == text, "a finished sequence shows all its text"
 
 
@@ -203,18 +203,17 @@ def test_visible_text_only_grows_over_a_stream(tokenizer, text, stops) -> None:
         assert after.startswith(before), f"{before!r} shrank to {after!r}"
     for shown in result.visible:
         assert not any(stop in shown for stop in stops)
-    assert result.visible[-1] == result.seq.output_text
+    assert result.visible[-1] == result.text.text
 
 
 def test_visible_text_holds_back_a_possible_stop_string_prefix(tokenizer) -> None:
-    seq = Sequence("r", None, [1], SamplingParams(stop=["STOP"]))
-    seq.output_text = "one two ST"
-    assert visible_text(seq) == "one two", "len('STOP') - 1 characters are held back"
-    seq.finish("length")
-    assert visible_text(seq) == "one two ST", "at the end nothing is held back"
+    text = IncrementalText([1])
+    text.text = "one two ST"
+    assert text.visible(["STOP"], False) == "one two", "len('STOP') - 1 characters are held back"
+    assert text.visible(["STOP"], True) == "one two ST", "at the end nothing is held back"
 
 
 def test_visible_text_without_stop_strings_is_the_whole_text() -> None:
-    seq = Sequence("r", None, [1], SamplingParams())
-    seq.output_text = "abc"
-    assert visible_text(seq) == "abc"
+    text = IncrementalText([1])
+    text.text = "abc"
+    assert text.visible([], False) == "abc"

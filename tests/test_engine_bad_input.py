@@ -46,11 +46,11 @@ def assert_idle(engine: LLMEngine) -> None:
     """No request, no sequence and no block is left anywhere."""
     assert engine.requests == {}
     assert not engine.has_unfinished_requests()
-    assert list(engine.scheduler.waiting) == []
-    assert engine.scheduler.running == []
-    assert engine.kv_cache.block_tables == {}
-    assert engine.kv_cache.num_free_blocks == engine.kv_cache.pool.num_blocks
-    assert engine.kv_cache.take_copies() == []
+    assert list(engine.core.scheduler.waiting) == []
+    assert engine.core.scheduler.running == []
+    assert engine.core.kv_cache.block_tables == {}
+    assert engine.core.kv_cache.num_free_blocks == engine.core.kv_cache.pool.num_blocks
+    assert engine.core.kv_cache.take_copies() == []
 
 
 def block_bytes(model: Path, block_size: int = 16) -> int:
@@ -115,7 +115,7 @@ def test_duplicate_request_id_is_refused_and_the_first_request_is_unharmed(
     with pytest.raises(InvalidRequestError, match="'dup' is already in use"):
         engine.add_request("dup", "Another prompt", GREEDY)
     assert len(engine.requests["dup"].seqs) == 1
-    assert len(engine.scheduler.waiting) == 1
+    assert len(engine.core.scheduler.waiting) == 1
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]
@@ -188,8 +188,8 @@ def finishes_or_is_refused(engine: LLMEngine, params: SamplingParams, steps: int
         engine.step()
         if not engine.has_unfinished_requests():
             break
-    waiting = [(g.request_id, len(g.seqs)) for g in engine.scheduler.waiting]
-    running = [(g.request_id, len(g.seqs)) for g in engine.scheduler.running]
+    waiting = [(g.request_id, len(g.seqs)) for g in engine.core.scheduler.waiting]
+    running = [(g.request_id, len(g.seqs)) for g in engine.core.scheduler.running]
     assert not engine.has_unfinished_requests(), (
         f"stuck after {steps} steps: waiting={waiting} running={running}"
     )
@@ -282,7 +282,7 @@ def test_kv_budget_of_exactly_one_max_model_len_sequence_serves_it(tiny_llama: P
             max_model_len=MAX_MODEL_LEN,
         )
     )
-    assert engine.kv_cache.pool.num_blocks == MAX_MODEL_LEN // 16
+    assert engine.core.kv_cache.pool.num_blocks == MAX_MODEL_LEN // 16
     out = run(engine, "full", [5] * 40, SamplingParams(temperature=0.0, max_tokens=100))
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == MAX_MODEL_LEN
     assert out.outputs[0].finish_reason == "length"

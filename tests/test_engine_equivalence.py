@@ -66,7 +66,7 @@ def test_greedy_matches_transformers_under_preemption(small_llama, prompts, refe
     )
     assert llm.engine.stats().num_preemptions > 0
     assert got == reference
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.runner.num_blocks
+    assert llm.engine.core.kv_cache.num_free_blocks == llm.engine.core.runner.num_blocks
 
 
 def test_greedy_matches_transformers_with_small_prefill_chunks(small_llama, prompts, reference):

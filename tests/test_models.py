@@ -68,7 +68,7 @@ def engine_logprobs(llm: LLM, prompts: list[list[int]], completions: list[list[i
     """Log-probabilities the engine's model gives `completions`, fed the way the engine runs:
     one flat prefill of every prompt, then one flat decode step per token, over the paged
     cache (each sequence in its own blocks)."""
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     model, bs = runner.model, runner.block_size
     seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
     per_seq = -(-max(map(len, seqs)) // bs)
@@ -167,7 +167,7 @@ def test_every_make_model_arch_is_served():
 def test_bfloat16_loads_and_generates(build_cached):
     path = build_cached("gpt_neox", "tiny")
     llm = LLM(path, device="cpu", dtype="bfloat16", max_model_len=64, kv_cache_memory=1 << 22)
-    assert all(p.dtype == torch.bfloat16 for p in llm.engine.runner.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in llm.engine.core.runner.model.parameters())
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 

@@ -125,9 +125,9 @@ def test_skip_draws_matches_what_the_sampler_draws() -> None:
     """The seeded generator after k sampling steps equals one advanced by skip_draws(k)."""
     vocab, steps = 37, 5
     params = SamplingParams(temperature=1.0, seed=9)
-    seq = Sequence("r", None, [1], params, generator=torch.Generator().manual_seed(9))
+    seq = Sequence("r", [1], params, generator=torch.Generator().manual_seed(9))
     logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
-    other = Sequence("o", None, [1], SamplingParams(temperature=1.0))
+    other = Sequence("o", [1], SamplingParams(temperature=1.0))
     for _ in range(steps):  # in a batch with an unseeded row, as in the engine
         sample(logits, SamplingTensors.from_seqs([other, seq], [], "cpu"))
     skipped = torch.Generator().manual_seed(9)
@@ -159,7 +159,7 @@ def test_bad_resumes_are_refused_and_leave_nothing_behind(engine, params, resume
         engine.add_request("bad", PROMPT, params, resume)
     assert refused.value.param == "resume"
     assert not engine.has_unfinished_requests()
-    assert engine.kv_cache.pool.num_used == 0
+    assert engine.core.kv_cache.pool.num_used == 0
 
 
 # -- the worker over HTTP -----------------------------------------------------------------------------

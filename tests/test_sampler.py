@@ -35,7 +35,7 @@ def tensors(
         min_p=col(min_p, torch.float32),
         banned=banned if banned is not None else [[] for _ in range(rows)],
         generators=generators if generators is not None else [None] * rows,
-        seqs=[Sequence("r", None, [1], PLAIN) for _ in range(rows)],
+        seqs=[Sequence("r", [1], PLAIN) for _ in range(rows)],
         num_logprobs=0,
     )
 
@@ -225,7 +225,7 @@ def test_banned_tokens_are_never_sampled() -> None:
 
 
 def seq_with_outputs(params: SamplingParams, num_outputs: int) -> Sequence:
-    seq = Sequence("r", None, [5, 6, 7], params)
+    seq = Sequence("r", [5, 6, 7], params)
     seq.token_ids.extend([8] * num_outputs)
     return seq
 
@@ -325,7 +325,7 @@ def test_a_prompt_that_fans_out_draws_one_sample_per_row_from_its_logits() -> No
 
 def test_penalties_and_logit_bias_follow_openai_and_transformers() -> None:
     def row(**kwargs) -> Sequence:
-        seq = Sequence("r", None, [1, 2], SamplingParams(**kwargs))  # prompt: 1 and 2
+        seq = Sequence("r", [1, 2], SamplingParams(**kwargs))  # prompt: 1 and 2
         seq.token_ids.extend([2, 3, 3])  # generated: 2 once, 3 twice
         return seq
 

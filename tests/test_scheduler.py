@@ -17,7 +17,6 @@ NEW_TOKEN = 3
 def make_seq(name: str, num_tokens: int, arrival: float, max_tokens: int = 16) -> Sequence:
     return Sequence(
         name,
-        None,
         list(range(100, 100 + num_tokens)),
         SamplingParams(max_tokens=max_tokens),
         arrival_time=arrival,
@@ -58,8 +57,8 @@ def add_forking(
 ) -> SequenceGroup:
     """A request for `n` parallel samples: one sequence that fans out once its prompt is done."""
     params = SamplingParams(n=n, max_tokens=max_tokens)
-    seq = Sequence(name, None, list(range(100, 100 + num_tokens)), params, arrival_time=arrival)
-    seq.fan_out = params.best_of  # as LLMEngine.add_sequence does
+    seq = Sequence(name, list(range(100, 100 + num_tokens)), params, arrival_time=arrival)
+    seq.fan_out = params.best_of  # as EngineCore.add does
     return add(sched, seq)
 
 
@@ -488,16 +487,16 @@ def test_resumed_samples_never_write_into_a_block_reused_from_the_cache() -> Non
     kv = sched.kv_cache
     prompt = [100, 101, 102, 103]
     for name, tokens in (("r", prompt + [1, 2, 3, 4, 5]), ("s", [9] * 12)):
-        done = Sequence(name, None, tokens, SamplingParams())  # earlier requests, now gone
+        done = Sequence(name, tokens, SamplingParams())  # earlier requests, now gone
         kv.allocate(done, done.num_tokens)
         done.num_computed_tokens = done.num_tokens
         kv.register_computed(done)
         kv.free(done)
-    probe = Sequence("probe", None, prompt + [1, 2, 3, 4, 5], SamplingParams())
+    probe = Sequence("probe", prompt + [1, 2, 3, 4, 5], SamplingParams())
     _, x = kv.cached_prefix(probe)  # "r"'s second block, free but cached
     params = SamplingParams(n=2)
-    a = Sequence("g", None, prompt + [7, 7, 7, 7, 8, 9], params)
-    b = Sequence("g", None, prompt + [1, 2, 3, 4, 5, 6], params)
+    a = Sequence("g", prompt + [7, 7, 7, 7, 8, 9], params)
+    b = Sequence("g", prompt + [1, 2, 3, 4, 5, 6], params)
     for seq in (a, b):
         seq.num_prompt_tokens = len(prompt)
     sched.add(SequenceGroup([a, b]))

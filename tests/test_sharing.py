@@ -69,12 +69,12 @@ def test_parallel_samples_share_the_prompt_then_diverge_by_copy_on_write(tiny_ll
     engine.step()  # prefill, then four samples of the first token
     group = engine.requests["r"]
     assert len(group.seqs) == 4
-    tables = [engine.kv_cache.block_tables[s.seq_id] for s in group.seqs]
+    tables = [engine.core.kv_cache.block_tables[s.seq_id] for s in group.seqs]
     assert all(t == tables[0] for t in tables)  # one copy of the prompt for all four
-    assert all(engine.kv_cache.pool.ref_counts[b] == 4 for b in tables[0])
+    assert all(engine.core.kv_cache.pool.ref_counts[b] == 4 for b in tables[0])
     copies_before = engine.stats().num_cow_copies
     engine.step()  # each writes its own token into the shared partial block
-    tables = [engine.kv_cache.block_tables[s.seq_id] for s in group.seqs]
+    tables = [engine.core.kv_cache.block_tables[s.seq_id] for s in group.seqs]
     assert all(t[:2] == tables[0][:2] for t in tables)  # full blocks stay shared
     assert len({t[2] for t in tables}) == 4  # the partial block was copied for three of them
     assert engine.stats().num_cow_copies - copies_before == 3
@@ -205,7 +205,7 @@ def test_prefix_cache_eviction_under_pressure_never_corrupts_running_sequences(t
     want = roomy.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     stats = tight.engine.stats()
-    assert stats.num_preemptions > 0 and tight.engine.kv_cache.pool.num_evictions > 0
+    assert stats.num_preemptions > 0 and tight.engine.core.kv_cache.pool.num_evictions > 0
     assert_all_blocks_free(tight)
 
 
@@ -213,8 +213,8 @@ def test_repetition_penalty_matches_transformers_processor():
     torch.manual_seed(0)
     logits = torch.randn(2, 50)
     seqs = [
-        Sequence("a", None, [3, 4, 4, 9], SamplingParams(repetition_penalty=1.3)),
-        Sequence("b", None, [1, 2, 30], SamplingParams(repetition_penalty=0.7)),
+        Sequence("a", [3, 4, 4, 9], SamplingParams(repetition_penalty=1.3)),
+        Sequence("b", [1, 2, 30], SamplingParams(repetition_penalty=0.7)),
     ]
     ours = apply_penalties(logits.clone(), seqs)
     for i, seq in enumerate(seqs):
@@ -229,7 +229,7 @@ def test_presence_frequency_penalties_and_logit_bias_follow_openai():
     params = SamplingParams(
         presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 5.0, 7: -2.0}
     )
-    seq = Sequence("a", None, [1, 2], params)
+    seq = Sequence("a", [1, 2], params)
     seq.token_ids += [5, 5, 6]  # generated: 5 twice, 6 once (the prompt's tokens do not count)
     ours = apply_penalties(logits.clone(), [seq])[0]
     want = logits[0].clone()
@@ -247,7 +247,7 @@ def test_combined_penalties_apply_in_vllms_order():
     logits[0, 5] = 1.0
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
                             logit_bias={5: 3.0})  # fmt: skip
-    seq = Sequence("a", None, [1, 2], params)
+    seq = Sequence("a", [1, 2], params)
     seq.token_ids += [5, 5]
     got = apply_penalties(logits.clone(), [seq])[0, 5].item()
     assert got == pytest.approx((1.0 + 3.0) / 2.0 - 2 * 0.5 - 0.25)

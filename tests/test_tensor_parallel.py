@@ -150,7 +150,7 @@ def llm(tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=2, **TP_ARGS)
     node = ray._private.worker._global_node
     pids = [p.process.pid for ps in node.all_processes.values() for p in ps]
-    pids += [info["pid"] for info in llm.engine.executor.rank_info[1:]]
+    pids += [info["pid"] for info in llm.engine.core.executor.rank_info[1:]]
     yield llm
     llm.shutdown()
     assert not llm.engine.is_healthy
@@ -180,7 +180,7 @@ class TestTinyLlamaOnTwoRanks:
             "down_proj.weight": (64, 86), "embed_tokens.weight": (512, 64),
             "layernorm.weight": (64,), "norm.weight": (64,),
         }  # fmt: skip
-        infos = llm.engine.executor.rank_info
+        infos = llm.engine.core.executor.rank_info
         assert [i["rank"] for i in infos] == [0, 1]
         assert infos[0]["pid"] == os.getpid() and infos[1]["pid"] != os.getpid()
         for info in infos:
@@ -197,11 +197,11 @@ class TestTinyLlamaOnTwoRanks:
 
     def test_kv_budget_is_per_rank_and_the_ranks_agree(self, llm, tiny_llama):
         with LLM(tiny_llama, **TP_ARGS) as single:
-            one_rank = single.engine.runner.num_blocks
+            one_rank = single.engine.core.runner.num_blocks
         # Each rank caches one of the two KV heads: the same budget per rank holds twice the blocks.
-        infos = llm.engine.executor.rank_info
+        infos = llm.engine.core.executor.rank_info
         assert infos[0]["num_blocks"] == infos[1]["num_blocks"] == 2 * one_rank
-        assert llm.engine.kv_cache.pool.num_blocks == 2 * one_rank
+        assert llm.engine.core.kv_cache.pool.num_blocks == 2 * one_rank
 
 
 @pytest.mark.slow
@@ -301,8 +301,8 @@ def test_other_layouts_give_the_same_greedy_tokens(
         want, _ = greedy(single, prompts)
     with LLM(path, tensor_parallel_size=2, **TP_ARGS) as llm:
         got, _ = greedy(llm, prompts)
-        reads = llm.engine.executor.rank_info[1]["reads"]
-        pids = [llm.engine.executor.rank_info[1]["pid"]]
+        reads = llm.engine.core.executor.rank_info[1]["reads"]
+        pids = [llm.engine.core.executor.rank_info[1]["pid"]]
     assert got == want
     if arch == "gpt_neox":  # 6 heads of 16 over hidden 96: rank 1 reads its 3 heads' q, k, v
         assert [s for n, s in reads if "0.attention.query_key_value.weight" in n] == [(48, 96)] * 3
@@ -316,7 +316,7 @@ def test_killing_a_rank_fails_the_running_requests_and_the_engine(shared_ray, ti
     engine = AsyncEngine(
         EngineConfig(model=str(tiny_llama), tensor_parallel_size=2, **{**TP_ARGS, "max_model_len": 1024})
     )  # fmt: skip
-    executor = engine.engine.executor
+    executor = engine.engine.core.executor
     rank_pid = executor.rank_info[1]["pid"]
     params = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
 
@@ -362,7 +362,7 @@ def test_killing_a_rank_fails_the_running_requests_and_the_engine(shared_ray, ti
 
 def test_a_rank_that_hangs_fails_the_step_at_the_collective_timeout(shared_ray, tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=2, **{**TP_ARGS, "distributed_timeout": 3.0})
-    rank_pid = llm.engine.executor.rank_info[1]["pid"]
+    rank_pid = llm.engine.core.executor.rank_info[1]["pid"]
     try:
         os.kill(rank_pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
         start = time.monotonic()
