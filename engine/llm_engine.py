@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence as Seq
 
 import torch
 
 from pagedserve.engine.beam_search import BeamSearch
+from pagedserve.engine.chat_templates import resolve_chat_template
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.input_processor import (
+    EngineRequest,
+    InputProcessor,
+    InvalidRequestError,
+    PromptType,
+)
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.model_loader import load_model
 from pagedserve.engine.model_runner import ModelRunner
@@ -24,33 +30,12 @@ from pagedserve.engine.sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | Seq[int] | dict
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses as given; nothing in the engine changed. `param` names
-    the part of the request at fault when it is not the prompt."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+__all__ = ["EngineDeadError", "InvalidRequestError", "LLMEngine", "PromptType"]
 
 
 class EngineDeadError(RuntimeError):
     """The engine has stopped (shut down, or a tensor-parallel rank failed); no request can
     be served."""
-
-
-def _token_ids(ids) -> list[int]:
-    if (
-        isinstance(ids, (str, bytes))
-        or not isinstance(ids, Seq)
-        or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-    ):
-        raise InvalidRequestError(
-            "a prompt is a string, a list of integer token ids, or a dict holding one"
-        )
-    return list(ids)
 
 
 class LLMEngine:
@@ -86,6 +71,15 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.hf_config.vocab_size
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            resolve_chat_template(self.tokenizer, config.model),
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             raise ValueError(
@@ -147,50 +141,29 @@ class LLMEngine:
         return EngineDeadError(f"the engine has stopped: {reason}")
 
     # --- requests -------------------------------------------------------------------------
-    def make_sequence(
-        self,
-        request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
-        resume: Resume | None = None,
-    ) -> Sequence:
-        """Validate and tokenize a request without touching engine state; with `resume`, the
-        sequence carries on from an answer another engine began (engine/resume.py)."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling params must be a SamplingParams")
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        if any(not 0 <= t < self.vocab_size for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; this model takes at most "
-                f"{self.max_model_len - 1} so that one token can be generated "
-                f"(max_model_len={self.max_model_len})"
-            )
-        if not self.config.enable_chunked_prefill and len(token_ids) > self.config.batched_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
-                f"{self.config.batched_tokens} without chunked prefill"
-            )
-        width = params.best_of
-        if width > self.config.max_num_seqs or width > self.config.batched_tokens:
-            raise InvalidRequestError(
-                f"best_of/beam width {width} exceeds what one step can run (max_num_seqs="
-                f"{self.config.max_num_seqs}, max_num_batched_tokens={self.config.batched_tokens})"
-            )
+    def make_sequence(self, request: EngineRequest) -> Sequence:
+        """The sequence of a request the input processor accepted, without touching engine
+        state: its seeded generator and, with `request.resume`, the answer another engine
+        began replayed into it (engine/resume.py)."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        params = request.params
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        seq = Sequence(request_id, text, token_ids, params, generator=generator)
-        if resume is not None:
+        seq = Sequence(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            params,
+            arrival_time=request.arrival_time,
+            generator=generator,
+        )
+        if request.resume is not None:
             try:
                 replay(
                     seq,
-                    resume,
+                    request.resume,
                     self.output_processor.check_stop,
                     self.vocab_size,
                     self.max_model_len,
@@ -198,15 +171,6 @@ class LLMEngine:
             except ValueError as e:
                 raise InvalidRequestError(str(e), param="resume") from e
         return seq
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt) if prompt else []
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
-            return self._tokenize(prompt.get("prompt", ""))
-        return None, _token_ids(prompt)
 
     def add_sequence(self, seq: Sequence) -> None:
         self.check_health()
@@ -239,7 +203,8 @@ class LLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
     ) -> None:
-        self.add_sequence(self.make_sequence(request_id, prompt, params, resume))
+        request = self.input_processor.process(request_id, prompt, params, resume)
+        self.add_sequence(self.make_sequence(request))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.requests.pop(request_id, None)
