@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.input_processor import InputProcessor
 from pagedserve.engine.llm_engine import EngineDeadError, LLMEngine, PromptType
 from pagedserve.engine.outputs import EngineStats, RequestOutput
 from pagedserve.engine.resume import Resume
@@ -37,6 +38,10 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def input_processor(self) -> InputProcessor:
+        return self.engine.input_processor
 
     @property
     def max_model_len(self) -> int:
@@ -69,7 +74,7 @@ class AsyncEngine:
         self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params, resume)
+        request = self.engine.input_processor.process(request_id, prompt, params, resume)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._to_add.append(request)

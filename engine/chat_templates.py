@@ -206,7 +206,8 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "
 
 
 class ChatTemplate:
-    """Renders OpenAI-style messages ({"role", "content"}) to prompt text.
+    """Renders OpenAI-style messages ({"role", "content"}) to prompt text; `variables` are
+    extra Jinja variables (a request's chat_template_kwargs), which built-in templates ignore.
 
     `stop` are strings that end a reply, `stop_token_ids` tokens that do (beyond the model's
     EOS); `add_special_tokens` says whether to let the tokenizer add its BOS when encoding
@@ -217,7 +218,9 @@ class ChatTemplate:
     stop_token_ids: list[int]
     add_special_tokens: bool
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
         raise NotImplementedError
 
 
@@ -230,7 +233,9 @@ class BuiltinChatTemplate(ChatTemplate):
         self.stop = list(fmt.stop_str)
         self.stop_token_ids = _token_ids(tokenizer, (*fmt.stop_tokens, *fmt.stop_str))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
         system, turns = _split_messages(messages, self.name)
         if add_generation_prompt:
             if len(turns) % 2 == 0:
@@ -253,10 +258,16 @@ class JinjaChatTemplate(ChatTemplate):
         self.stop = []
         self.stop_token_ids = _token_ids(tokenizer, [t for t in _END_OF_TURN_TOKENS if t in text])
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        kwargs = {} if self.source is None else {"chat_template": self.source}
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
+        source = {} if self.source is None else {"chat_template": self.source}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **source,
+            **variables,
         )
 
 
@@ -270,7 +281,9 @@ class MissingChatTemplate(ChatTemplate):
         self.model_name = model_name
         self.stop, self.stop_token_ids = [], []
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
         raise ValueError(
             f"model {self.model_name!r} has no chat template: its tokenizer has none and its "
             "name matches no built-in template; start it with --chat-template NAME or FILE "

@@ -53,10 +53,9 @@ class LLM:
         # Validate every prompt before adding any, so a bad one leaves the engine untouched.
         # Only the final outputs are kept, so only they are made.
         final = RequestOutputKind.FINAL_ONLY
+        processor = self.engine.input_processor
         requests = [
-            self.engine.make_request(
-                str(next(self._ids)), p, dataclasses.replace(sp, output_kind=final)
-            )
+            processor.process(str(next(self._ids)), p, dataclasses.replace(sp, output_kind=final))
             for p, sp in zip(prompts, params, strict=True)
         ]
         order = {r.request_id: i for i, r in enumerate(requests)}

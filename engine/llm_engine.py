@@ -2,18 +2,23 @@
 
 It joins vLLM v1's three parts: the input processor (validation, tokenization), the engine
 core (schedule, execute, update on token ids: engine/engine_core.py) and the output processor
-(text, stop strings, logprobs, delta outputs: engine/output_processor.py)."""
+(text, stop strings, logprobs, delta outputs: engine/output_processor.py). The input
+processor (engine/input_processor.py) validates and tokenizes in the caller's thread; what needs
+engine state (a request id in use, a seeded generator, replaying a resumed answer) is here."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-
 import torch
 
+from pagedserve.engine.chat_templates import resolve_chat_template
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.engine_core import EngineCore, EngineDeadError
+from pagedserve.engine.input_processor import (
+    EngineRequest,
+    InputProcessor,
+    InvalidRequestError,
+    PromptType,
+)
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.outputs import EngineStats, RequestOutput
 from pagedserve.engine.resume import Resume, replay
@@ -21,41 +26,6 @@ from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
 __all__ = ["EngineDeadError", "EngineRequest", "InvalidRequestError", "LLMEngine", "PromptType"]
-
-PromptType = str | Seq[int] | dict
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses as given; nothing in the engine changed. `param` names
-    the part of the request at fault when it is not the prompt."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-def _token_ids(ids) -> list[int]:
-    if (
-        isinstance(ids, (str, bytes))
-        or not isinstance(ids, Seq)
-        or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-    ):
-        raise InvalidRequestError(
-            "a prompt is a string, a list of integer token ids, or a dict holding one"
-        )
-    return list(ids)
-
-
-@dataclass
-class EngineRequest:
-    """A request that passed validation: what the core and the output processor take."""
-
-    request_id: str
-    prompt: str | None  # the prompt's text, when it came as text
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    resume: Resume | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
 
 
 class LLMEngine:
@@ -71,6 +41,15 @@ class LLMEngine:
         self.hf_config = loaded.hf_config
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.hf_config.vocab_size
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            resolve_chat_template(self.tokenizer, config.model),
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # --- life -----------------------------------------------------------------------------
@@ -96,49 +75,6 @@ class LLMEngine:
         self.shutdown()
 
     # --- requests -------------------------------------------------------------------------
-    def make_request(
-        self,
-        request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
-        resume: Resume | None = None,
-    ) -> EngineRequest:
-        """Validate and tokenize a request without touching engine state."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling params must be a SamplingParams")
-        text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        if any(not 0 <= t < self.vocab_size for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; this model takes at most "
-                f"{self.max_model_len - 1} so that one token can be generated "
-                f"(max_model_len={self.max_model_len})"
-            )
-        if not self.config.enable_chunked_prefill and len(token_ids) > self.config.batched_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
-                f"{self.config.batched_tokens} without chunked prefill"
-            )
-        width = params.best_of
-        if width > self.config.max_num_seqs or width > self.config.batched_tokens:
-            raise InvalidRequestError(
-                f"best_of/beam width {width} exceeds what one step can run (max_num_seqs="
-                f"{self.config.max_num_seqs}, max_num_batched_tokens={self.config.batched_tokens})"
-            )
-        return EngineRequest(request_id, text, token_ids, params, resume)
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt) if prompt else []
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
-            return self._tokenize(prompt.get("prompt", ""))
-        return None, _token_ids(prompt)
-
     def add(self, request: EngineRequest) -> None:
         """Queue a validated request with the core and the output processor. A resumed answer
         (engine/resume.py) is replayed first; if it cannot be resumed, nothing is queued."""
@@ -182,7 +118,7 @@ class LLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
     ) -> None:
-        self.add(self.make_request(request_id, prompt, params, resume))
+        self.add(self.input_processor.process(request_id, prompt, params, resume))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         core_out = self.core.abort(request_id)

@@ -86,8 +86,8 @@ class WorkerStatus(FastChatModel):
 
 class GenerateParams(FastChatModel):
     """Body of a worker's /worker_generate_stream and /worker_generate (FastChat's names and
-    defaults). Parameters FastChat sends but the engine cannot honour yet are accepted only at
-    their neutral values; the worker refuses anything else with a 400 that names them."""
+    defaults). The engine honours every one of them but `images`: a worker refuses images with
+    a 400 that names them (see `unsupported`)."""
 
     model: str | None = None
     prompt: str
@@ -108,23 +108,9 @@ class GenerateParams(FastChatModel):
     images: list[Any] | None = None
 
     def unsupported(self) -> list[str]:
-        """Names of the parameters set to something the engine cannot do."""
-        bad = []
-        if self.presence_penalty not in (None, 0.0):
-            bad.append("presence_penalty")
-        if self.frequency_penalty not in (None, 0.0):
-            bad.append("frequency_penalty")
-        if self.repetition_penalty not in (None, 1.0):
-            bad.append("repetition_penalty")
-        if self.logprobs not in (None, 0):
-            bad.append("logprobs")
-        if self.best_of not in (None, 1):
-            bad.append("best_of")
-        if self.use_beam_search:
-            bad.append("use_beam_search")
-        if self.images:
-            bad.append("images")
-        return bad
+        """Names of the parameters set to something the engine cannot do: images (it takes
+        text only)."""
+        return ["images"] if self.images else []
 
 
 class Usage(FastChatModel):

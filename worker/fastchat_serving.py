@@ -20,7 +20,8 @@ from pagedserve.protocol.fastchat import (
     GenerateParams,
     Usage,
 )
-from pagedserve.worker.openai_serving import TokenTexts, finite_logprob
+from pagedserve.worker.engine_params import from_fastchat
+from pagedserve.worker.logprobs import LogprobFormatter
 from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream
 
 # FastChat's SeparatorStyle numbers (fastchat/conversation.py)
@@ -85,18 +86,12 @@ def conv_template_from(template: Any, tokenizer: Any) -> ConvTemplate:
 
 
 class FastChatServing:
-    def __init__(
-        self,
-        engine: Any,
-        requests: EngineRequests,
-        model_names: list[str],
-        chat_template: Any = None,
-    ) -> None:
+    def __init__(self, engine: Any, requests: EngineRequests, model_names: list[str]) -> None:
         self.engine = engine
         self.requests = requests
         self.model_names = model_names
-        self.conv = conv_template_from(chat_template, engine.tokenizer)
-        self._token_str = TokenTexts(engine.tokenizer)
+        self.conv = conv_template_from(engine.input_processor.chat_template, engine.tokenizer)
+        self.logprobs = LogprobFormatter(engine.tokenizer)
 
     # -- small queries ----------------------------------------------------------------------
 
@@ -113,17 +108,6 @@ class FastChatServing:
 
     async def generate_stream(self, params: GenerateParams, route: str) -> AsyncIterator[bytes]:
         """Start the request (errors raise here, before any byte) and return its frames."""
-        prompt_ids, sampling = self._convert(params)
-        stream = await self.requests.start(prompt_ids, sampling, uuid.uuid4().hex, route)
-        return self._frames(stream, params, len(prompt_ids))
-
-    async def generate(self, params: GenerateParams, route: str) -> dict[str, Any]:
-        frames = [f async for f in await self.generate_stream(params, route)]
-        return json.loads(frames[-1][:-1])
-
-    def _convert(self, params: GenerateParams) -> tuple[list[int], Any]:
-        from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
-
         if params.model is not None and params.model not in self.model_names:
             raise RequestError(
                 404,
@@ -131,65 +115,17 @@ class FastChatServing:
                 param="model",
                 error_code=ErrorCode.INVALID_MODEL,
             )
-        # penalties, logprobs, best_of and beam search go to the engine; images it cannot take
-        unsupported = [name for name in params.unsupported() if name == "images"]
-        if unsupported:
-            raise RequestError(
-                400,
-                "not supported by pagedserve's engine yet: " + ", ".join(unsupported),
-                param=unsupported[0],
-            )
-        prompt_ids = self.engine.tokenizer.encode(params.prompt)
-        if len(prompt_ids) >= self.engine.max_model_len:
-            raise RequestError(
-                400,
-                f"This model's maximum context length is {self.engine.max_model_len} tokens. "
-                f"However, your prompt has {len(prompt_ids)} tokens.",
-                param="prompt",
-                error_code=ErrorCode.CONTEXT_OVERFLOW,
-            )
-        # FastChat's vLLM worker: near-zero temperature is greedy, top_p is kept above 0.
-        greedy = params.temperature <= 1e-5
-        try:
-            sampling = SamplingParams(
-                temperature=0.0 if greedy else params.temperature,
-                top_p=1.0 if greedy else max(params.top_p, 1e-5),
-                top_k=-1 if params.top_k is None else params.top_k,
-                max_tokens=params.max_new_tokens,
-                stop=params.stop or None,
-                stop_token_ids=params.stop_token_ids,
-                seed=params.seed,
-                presence_penalty=params.presence_penalty or 0.0,
-                frequency_penalty=params.frequency_penalty or 0.0,
-                repetition_penalty=1.0
-                if params.repetition_penalty is None
-                else params.repetition_penalty,
-                logprobs=params.logprobs,
-                best_of=params.best_of,
-                use_beam_search=bool(params.use_beam_search),
-                output_kind=RequestOutputKind.DELTA,
-            )
-        except ValueError as e:
-            raise RequestError(400, str(e)) from e
-        return prompt_ids, sampling
+        sampling = from_fastchat(params)
+        stream = await self.requests.start(params.prompt, sampling, uuid.uuid4().hex, route)
+        return self._frames(stream, params)
 
-    def _add_logprobs(self, out: dict[str, list[Any]], c: Any, k: int, offset: int) -> int:
-        """Extend FastChat's (and OpenAI's legacy) logprobs object, cumulative like `text`,
-        with the delta `c`'s tokens; returns the text offset after them."""
-        for token_id, entry in zip(c.token_ids, c.logprobs or [], strict=False):
-            text = self._token_str(token_id)
-            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-            out["text_offset"].append(offset)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(finite_logprob(entry.get(token_id)))
-            out["top_logprobs"].append({self._token_str(t): finite_logprob(lp) for t, lp in top})
-            offset += len(text)
-        return offset
+    async def generate(self, params: GenerateParams, route: str) -> dict[str, Any]:
+        frames = [f async for f in await self.generate_stream(params, route)]
+        return json.loads(frames[-1][:-1])
 
-    async def _frames(
-        self, stream: RequestStream, params: GenerateParams, n_prompt: int
-    ) -> AsyncIterator[bytes]:
+    async def _frames(self, stream: RequestStream, params: GenerateParams) -> AsyncIterator[bytes]:
         """FastChat's frames hold the whole answer so far: the engine's deltas added up."""
+        n_prompt = len(stream.first.prompt_token_ids)
         texts = [params.prompt] if params.echo else []
         num_tokens = 0
         logprobs: dict[str, list[Any]] = {
@@ -206,7 +142,10 @@ class FastChatServing:
                 texts.append(c.text)
                 num_tokens = c.num_output_tokens
                 if params.logprobs is not None:
-                    offset = self._add_logprobs(logprobs, c, params.logprobs or 0, offset)
+                    delta = self.logprobs.legacy(c, params.logprobs, offset)
+                    for key, values in delta.model_dump().items():
+                        logprobs[key] += values
+                    offset += sum(len(t) for t in delta.tokens)
                 if started and not c.text and not out.finished:
                     continue
                 started = True

@@ -74,15 +74,16 @@ class ModelWorker:
         self.requests = EngineRequests(self.engine, self.metrics)
         from pagedserve.engine.chat_templates import resolve_chat_template
 
-        try:
-            template = resolve_chat_template(
-                self.engine.tokenizer, names[0], self.config.chat_template
+        processor = self.engine.input_processor
+        try:  # the template of the model as served: by its name, or --chat-template
+            processor.chat_template = resolve_chat_template(
+                processor.tokenizer, names[0], self.config.chat_template
             )
         except ValueError as e:  # --chat-template names no built-in template and no file
             await self._fail(str(e))
             return
-        self.fastchat = FastChatServing(self.engine, self.requests, names, template)
-        self.openai = OpenAIServing(self.engine, self.requests, names, template)
+        self.fastchat = FastChatServing(self.engine, self.requests, names)
+        self.openai = OpenAIServing(self.engine, self.requests, names)
         if self.state == "loading":  # not told to stop meanwhile
             self.state = "ready"
             self._watcher = asyncio.create_task(self._watch_engine())

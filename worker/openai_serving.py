@@ -1,10 +1,10 @@
 """OpenAI's /v1/completions and /v1/chat/completions served from the engine.
 
-Each request goes through the same steps: validate (model, parameters the engine cannot do),
-convert (prompts to token ids, OpenAI parameters to SamplingParams, one engine request per
-prompt whose `n` outputs are the choices), start (bad input fails here, before any byte), then stream
-(Server-Sent Events ending with `data: [DONE]`) or collect, and format.
-"""
+Each request goes through the same steps: validate (the model, what only OpenAI's API refuses),
+convert (a chat's messages to prompt token ids by the engine's input processor, the fields to
+SamplingParams by engine_params.py, one engine request per prompt whose `n` outputs are the
+choices), start (bad input, the engine's included, fails here, before any byte), then stream
+(Server-Sent Events ending with `data: [DONE]`) or collect, and format."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -29,9 +28,6 @@ from pagedserve.protocol.openai import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
-    ChatCompletionTokenLogprob,
-    ChoiceLogprobs,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -44,48 +40,30 @@ from pagedserve.protocol.openai import (
     ModelList,
     ResumeFrom,
     SamplingFields,
-    TopLogprob,
     UsageInfo,
     completion_id,
     random_id,
 )
-from pagedserve.worker.requests import EngineRequests, RequestError, RequestStream, merged
+from pagedserve.worker.engine_params import from_openai
+from pagedserve.worker.logprobs import LogprobFormatter
+from pagedserve.worker.requests import (
+    EngineRequests,
+    RequestError,
+    RequestStream,
+    merged,
+    refused,
+)
+
+if TYPE_CHECKING:
+    from pagedserve.engine.chat_templates import ChatTemplate
 
 DONE = "data: [DONE]\n\n"
-MAX_BEST_OF = 16  # as OpenAI's n: sequences one request may generate
 
 
 def sse(chunk: BaseModel | dict[str, Any]) -> str:
     if isinstance(chunk, BaseModel):
         return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
     return f"data: {json.dumps(chunk)}\n\n"
-
-
-def finite_logprob(logprob: float | None) -> float:
-    """A logprob JSON can carry: -inf and NaN (a degenerate penalty) become -9999.0, as
-    OpenAI's floor for impossible tokens."""
-    if logprob is None or not math.isfinite(logprob):
-        return -9999.0
-    return max(logprob, -9999.0)
-
-
-class TokenTexts:
-    """`texts(token_id)`: a token's text as OpenAI and FastChat show it in logprobs (a
-    SentencePiece word start keeps its space), decoded once per token id."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-                text = " " + text
-            self._texts[token_id] = text
-        return text
 
 
 class _Job:
@@ -144,25 +122,11 @@ class _Answer:
 
 
 class OpenAIServing:
-    def __init__(
-        self,
-        engine: Any,
-        requests: EngineRequests,
-        model_names: list[str],
-        chat_template: Any = None,
-    ) -> None:
-        from pagedserve.engine.chat_templates import resolve_chat_template
-
+    def __init__(self, engine: Any, requests: EngineRequests, model_names: list[str]) -> None:
         self.engine = engine
         self.requests = requests
         self.model_names = model_names
-        # Resolved once; a model without any template refuses chat requests, not its loading.
-        self.template = (
-            chat_template
-            if chat_template is not None
-            else resolve_chat_template(engine.tokenizer, model_names[0])
-        )
-        self._token_str = TokenTexts(engine.tokenizer)
+        self.logprobs = LogprobFormatter(engine.tokenizer)
         # OpenAI's system_fingerprint: which backend configuration produced an answer.
         config = f"pagedserve:{model_names[0]}:{engine.max_model_len}"
         self.fingerprint = "fp_" + hashlib.sha256(config.encode()).hexdigest()[:10]
@@ -238,9 +202,7 @@ class OpenAIServing:
                         text=prefix + c.text,
                         logprobs=None
                         if req.logprobs is None
-                        else self._completion_logprobs(
-                            c, 0, len(prefix) + skip.chars, req.logprobs
-                        ),
+                        else self.logprobs.legacy(c, req.logprobs, len(prefix) + skip.chars),
                         finish_reason=c.finish_reason,
                         token_ids=c.token_ids if req.return_token_ids else None,
                     )
@@ -273,7 +235,7 @@ class OpenAIServing:
             logprobs = None
             if req.logprobs is not None:
                 offset = p.chars + (len(job.prompt_text or "") if req.echo else 0)
-                logprobs = self._completion_logprobs(c, 0, offset + len(echo), req.logprobs)
+                logprobs = self.logprobs.legacy(c, req.logprobs, offset + len(echo))
             yield chunk(
                 [
                     CompletionResponseStreamChoice(
@@ -304,9 +266,16 @@ class OpenAIServing:
             raise RequestError(
                 400, "this model takes text only; remove image_url parts", param="messages"
             )
-        prompt_ids = self._chat_prompt(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        processor = self.engine.input_processor
+        try:
+            prompt_ids = processor.render_chat(
+                messages, req.add_generation_prompt, req.chat_template_kwargs
+            )
+        except ValueError as e:
+            raise refused(e, "messages") from e
         jobs, streams = await self._start(
-            req, [(prompt_ids, None)], "/v1/chat/completions", top, chat=True
+            req, [(prompt_ids, None)], "/v1/chat/completions", top, processor.chat_template
         )
         completion = completion_id("chatcmpl", request_id)
         if req.stream:
@@ -316,7 +285,7 @@ class OpenAIServing:
             ChatCompletionResponseChoice(
                 index=job.choice(c.index),
                 message=AssistantMessage(content=c.text),
-                logprobs=None if top is None else self._chat_logprobs(c, 0, top),
+                logprobs=None if top is None else self.logprobs.chat(c, top),
                 finish_reason=c.finish_reason,
                 token_ids=c.token_ids if req.return_token_ids else None,
             )
@@ -362,7 +331,7 @@ class OpenAIServing:
                     job,
                     c.index,
                     DeltaMessage(content=c.text),
-                    logprobs=None if top is None else self._chat_logprobs(c, 0, top),
+                    logprobs=None if top is None else self.logprobs.chat(c, top),
                     token_ids=c.token_ids if no_ids is not None else None,
                 )
             if c.finish_reason is not None:
@@ -414,190 +383,46 @@ class OpenAIServing:
                 error_code=ErrorCode.INVALID_MODEL,
                 openai_code="model_not_found",
             )
-        if req.best_of is not None and req.best_of > MAX_BEST_OF:
-            raise RequestError(
-                400, f"best_of must be at most {MAX_BEST_OF}, got {req.best_of}", param="best_of"
-            )
-        if req.logit_bias:
-            for key in req.logit_bias:
-                try:
-                    int(key)
-                except ValueError:
-                    raise RequestError(
-                        400,
-                        f"logit_bias keys must be token ids; got {key!r}",
-                        param="logit_bias",
-                    ) from None
 
-    def _sampling_params(
-        self,
-        req: SamplingFields,
-        max_tokens: int | None,
-        logprobs: int | None,
-        chat: bool = False,
-    ) -> Any:
-        from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
-
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        stop_ids = list(req.stop_token_ids or [])
-        if chat:  # the chat template's own end-of-turn strings and tokens
-            stop += [s for s in self.template.stop if s not in stop]
-            stop_ids += [t for t in self.template.stop_token_ids if t not in stop_ids]
-        temperature = 1.0 if req.temperature is None else req.temperature
-        top_p = 1.0 if req.top_p is None else max(req.top_p, 1e-5)
-        try:
-            return SamplingParams(
-                temperature=temperature,
-                top_p=1.0 if temperature == 0 else top_p,
-                top_k=-1 if req.top_k is None else req.top_k,
-                min_p=req.min_p or 0.0,
-                max_tokens=max_tokens,
-                min_tokens=req.min_tokens,
-                stop=stop or None,
-                stop_token_ids=stop_ids,
-                ignore_eos=req.ignore_eos,
-                seed=req.seed,
-                skip_special_tokens=req.skip_special_tokens,
-                n=req.n,
-                best_of=req.best_of,
-                use_beam_search=req.use_beam_search,
-                logprobs=logprobs,
-                presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                repetition_penalty=1.0
-                if req.repetition_penalty is None
-                else req.repetition_penalty,
-                logit_bias={int(k): v for k, v in req.logit_bias.items()}
-                if req.logit_bias
-                else None,
-                output_kind=RequestOutputKind.DELTA,  # streams send, and collect joins, deltas
-            )
-        except ValueError as e:
-            raise RequestError(400, str(e)) from e
-
-    def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
-        tok = self.engine.tokenizer
-        if isinstance(prompt, str):
-            items: list[Any] = [prompt]
-        elif prompt and all(isinstance(t, int) for t in prompt):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                out.append((tok.encode(item), item))
-            else:
-                out.append((list(item), tok.decode(item)))
-        return out
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        from pagedserve.engine.chat_templates import JinjaChatTemplate
-
-        tok = self.engine.tokenizer
-        template = self.template
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            if req.chat_template_kwargs and isinstance(template, JinjaChatTemplate):
-                source = {} if template.source is None else {"chat_template": template.source}
-                text = tok.apply_chat_template(
-                    messages,
-                    tokenize=False,
-                    add_generation_prompt=req.add_generation_prompt,
-                    **source,
-                    **req.chat_template_kwargs,
-                )
-            else:
-                text = template.render(messages, req.add_generation_prompt)
-        except Exception as e:  # no template, or it refuses (roles out of order, ...)
-            message = str(e)
-            if "chat template" not in message:
-                message = f"the chat template could not render these messages: {message}"
-            raise RequestError(400, message, param="messages") from e
-        return tok.encode(text, add_special_tokens=template.add_special_tokens)
-
-    # -- logprobs ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-        return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-
-    @staticmethod
-    def _token_logprobs(c: Any, start: int) -> Iterator[tuple[int, dict[int, float]]]:
-        """(token id, logprobs entry) from output token `start` on; a resumed answer has
-        logprobs for its new tokens only, the last len(c.logprobs) of its tokens."""
-        entries = c.logprobs or []
-        first = max(len(c.token_ids) - len(entries), 0)
-        start = max(start, first)
-        return zip(c.token_ids[start:], entries[start - first :], strict=False)
-
-    def _chat_logprobs(self, c: Any, start: int, k: int) -> ChoiceLogprobs:
-        content = []
-        for token_id, entry in self._token_logprobs(c, start):
-            text = self._token_str(token_id)
-            content.append(
-                ChatCompletionTokenLogprob(
-                    token=text,
-                    logprob=finite_logprob(entry.get(token_id)),
-                    bytes=list(text.encode("utf-8")),
-                    top_logprobs=[
-                        TopLogprob(
-                            token=self._token_str(t),
-                            logprob=finite_logprob(lp),
-                            bytes=list(self._token_str(t).encode("utf-8")),
-                        )
-                        for t, lp in self._top(entry, k)
-                    ],
-                )
-            )
-        return ChoiceLogprobs(content=content)
-
-    def _completion_logprobs(self, c: Any, start: int, offset: int, k: int) -> CompletionLogprobs:
-        # every field set explicitly: streamed chunks leave out fields that were not set
-        out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for token_id, entry in self._token_logprobs(c, start):
-            text = self._token_str(token_id)
-            out.tokens.append(text)
-            out.token_logprobs.append(finite_logprob(entry.get(token_id)))
-            top = {self._token_str(t): finite_logprob(lp) for t, lp in self._top(entry, k)}
-            out.top_logprobs.append(top)
-            out.text_offset.append(offset)
-            offset += len(text)
-        return out
+    def _completion_prompts(self, prompt: Any) -> list[tuple[str | list[int], str]]:
+        """Each prompt of a completion request as the engine takes it, with its text (echo)."""
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        decode = self.engine.tokenizer.decode
+        return [(p, p if isinstance(p, str) else decode(p)) for p in prompt]
 
     async def _start(
         self,
         req: SamplingFields,
-        prompts: list[tuple[list[int], str | None]],
+        prompts: list[tuple[str | list[int], str | None]],
         route: str,
         logprobs: int | None = None,
-        chat: bool = False,
+        chat_template: ChatTemplate | None = None,
     ) -> tuple[list[_Job], list[RequestStream]]:
-        limit = self.engine.max_model_len
-        jobs: list[_Job] = []
-        engine_jobs = []
+        """Start one engine request per prompt (a chat request: its rendered messages, whose
+        template's end-of-turn strings and tokens stop it too)."""
         base = random_id("req")
         max_tokens = req.output_limit if isinstance(req, ChatCompletionRequest) else req.max_tokens
-        params = self._sampling_params(req, max_tokens, logprobs, chat)
-        for p, (ids, text) in enumerate(prompts):
-            if len(ids) >= limit:
-                raise RequestError(
-                    400,
-                    f"This model's maximum context length is {limit} tokens. However, your "
-                    f"prompt has {len(ids)} tokens.",
-                    param="messages" if route.endswith("chat/completions") else "prompt",
-                    error_code=ErrorCode.CONTEXT_OVERFLOW,
-                    openai_code="context_length_exceeded",
-                )
-            jobs.append(_Job(p, req.n, ids, text))
-            engine_jobs.append((ids, copy.deepcopy(params), f"{base}-{p}"))
+        params = from_openai(req, max_tokens, logprobs, chat_template)
+        engine_jobs = [
+            (p, copy.deepcopy(params), f"{base}-{i}") for i, (p, _) in enumerate(prompts)
+        ]
+        prompt_param = "prompt" if chat_template is None else "messages"
         if req.resume is None:
-            streams = await self.requests.start_all(engine_jobs, route)
+            streams = await self.requests.start_all(engine_jobs, route, prompt_param)
         else:  # one prompt (completions refuse more); the engine refuses n > 1
             from pagedserve.engine.resume import Resume
 
             resume = Resume(req.resume.output_token_ids, req.resume.sent_chars)
-            streams = [await self.requests.start(*engine_jobs[0], route, resume=resume)]
+            streams = [
+                await self.requests.start(
+                    *engine_jobs[0], route, resume=resume, prompt_param=prompt_param
+                )
+            ]
+        jobs = [
+            _Job(i, req.n, stream.first.prompt_token_ids, text)
+            for i, ((_, text), stream) in enumerate(zip(prompts, streams, strict=True))
+        ]
         return jobs, streams
 
     async def _collect(self, streams: list[RequestStream]) -> list[list[CompletionOutput]]:

@@ -49,6 +49,20 @@ class RequestError(Exception):
         self.openai_code = openai_code
 
 
+def refused(e: ValueError, prompt_param: str = "prompt") -> RequestError:
+    """The 400 of a request the engine refuses (engine/input_processor.py's
+    InvalidRequestError, or a SamplingParams ValueError): its `param`, else `prompt_param`,
+    the field that held the prompt; an over-long prompt keeps OpenAI's and FastChat's codes."""
+    overflow = getattr(e, "code", None) == "context_length_exceeded"
+    return RequestError(
+        400,
+        str(e),
+        param=getattr(e, "param", None) or prompt_param,
+        error_code=ErrorCode.CONTEXT_OVERFLOW if overflow else ErrorCode.PARAM_OUT_OF_RANGE,
+        openai_code=getattr(e, "code", None),
+    )
+
+
 class EngineRequests:
     def __init__(self, engine: Any, metrics: WorkerMetrics) -> None:
         self.engine = engine
@@ -62,17 +76,23 @@ class EngineRequests:
         return len(self._active)
 
     async def start(
-        self, prompt: Any, params: Any, request_id: str, route: str, resume: Any = None
+        self,
+        prompt: Any,
+        params: Any,
+        request_id: str,
+        route: str,
+        resume: Any = None,
+        prompt_param: str = "prompt",
     ) -> RequestStream:
         """Add a request (`resume`: see engine/resume.py) and wait for its first output; the
         engine's ValueError for bad input (empty or too long prompt, ...) becomes a 400 with
-        nothing left behind."""
+        nothing left behind, naming `prompt_param` when the prompt is at fault."""
         gen = self._run(prompt, params, request_id, route, time.monotonic(), resume)
         try:
             first = await gen.__anext__()
         except ValueError as e:
             await gen.aclose()
-            raise RequestError(400, str(e), param=getattr(e, "param", None) or "prompt") from e
+            raise refused(e, prompt_param) from e
         except RuntimeError as e:  # the engine is shut down or its loop failed
             await gen.aclose()
             raise RequestError(
@@ -87,11 +107,14 @@ class EngineRequests:
         return RequestStream(first, gen)
 
     async def start_all(
-        self, jobs: Sequence[tuple[Any, Any, str]], route: str
+        self, jobs: Sequence[tuple[Any, Any, str]], route: str, prompt_param: str = "prompt"
     ) -> list[RequestStream]:
         """Start several requests (n > 1, several prompts); if one is refused none is kept."""
         results = await asyncio.gather(
-            *(self.start(prompt, params, rid, route) for prompt, params, rid in jobs),
+            *(
+                self.start(prompt, params, rid, route, prompt_param=prompt_param)
+                for prompt, params, rid in jobs
+            ),
             return_exceptions=True,
         )
         streams = [r for r in results if isinstance(r, RequestStream)]
