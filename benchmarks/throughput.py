@@ -26,6 +26,7 @@ import json
 import os
 import pstats
 import select
+import shutil
 import subprocess
 import tempfile
 import time
@@ -151,6 +152,7 @@ class VllmOffline:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def close(self) -> None:
+        """Stops vLLM; its folder (workload and log) is kept only if it failed."""
         if self.proc.poll() is None:
             self.proc.stdin.close()  # its loop ends at EOF, and vLLM shuts its processes down
             try:
@@ -158,6 +160,8 @@ class VllmOffline:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.returncode == 0:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def identical_outputs(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, list[int]]:

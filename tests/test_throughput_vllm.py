@@ -51,6 +51,7 @@ def test_vllm_cpu_env_binds_threads_to_cores_when_asked_and_rounds_the_cache_up(
 def test_a_vllm_that_does_not_start_is_left_out_with_its_log(monkeypatch, tmp_path, capsys) -> None:
     # This venv has no vllm: the script fails on its import, as a broken vLLM venv would.
     monkeypatch.setattr(peers, "vllm_python", lambda: sys.executable)
+    monkeypatch.setattr(throughput.tempfile, "tempdir", str(tmp_path))  # the log it keeps
     args = argparse.Namespace(dtype="float32", max_num_seqs=4, seed=0, vllm_threads_bind="auto")
     assert throughput.start_vllm(tmp_path, [[5, 6, 7]], 4, tiny_llama_config(), args) is None
     out = capsys.readouterr().out
