@@ -87,6 +87,16 @@ def decode_kv_tokens(prompt_lens: list[int], output_len: int, window: int | None
     )
 
 
+def kv_bytes_per_token(hf_config, dtype) -> int:
+    """Bytes of K/V that one cached token holds over all the layers of the engine's model for
+    `hf_config`: per layer, 2 (K and V) x num_kv_heads x head_dim x the dtype's bytes."""
+    from pagedserve.engine.layers import PagedAttention
+    from pagedserve.engine.model_loader import meta_model
+
+    layers = [m for m in meta_model(hf_config).modules() if isinstance(m, PagedAttention)]
+    return sum(2 * m.num_kv_heads * m.head_dim * dtype.itemsize for m in layers)
+
+
 def kv_read_bytes(hf_config, prompt_lens: list[int], output_len: int, dtype) -> int:
     """Bytes of K/V read by one read of every running sequence's cache per decode step: per
     layer and token, 2 (K and V) x num_kv_heads x head_dim x the dtype's bytes. The layers are

@@ -83,6 +83,27 @@ def vllm_python() -> Path:
     return peer_python("vllm")
 
 
+def vllm_cpu_env(threads: int, kv_cache_bytes: int, bind: str = "auto") -> dict[str, str]:
+    """The environment for vLLM's CPU build on `threads` cores with a KV cache of at least
+    `kv_cache_bytes` (whole GiB: VLLM_CPU_KVCACHE_SPACE), usage reports off.
+
+    `bind` is VLLM_CPU_OMP_THREADS_BIND, how vLLM pins its model's OpenMP threads: "auto" (its
+    default) keeps one core back for its scheduler process, which on a 2-core machine leaves
+    the model one thread on one core; "cores" binds `threads` threads to the first `threads`
+    CPUs this process may use (the thread count pagedserve gets); anything else ("0-1",
+    "nobind") is passed on as it is."""
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    if bind == "cores":
+        bind = ",".join(map(str, cpus))
+    return {
+        "OMP_NUM_THREADS": str(len(cpus)),
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, -(-kv_cache_bytes // 2**30))),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+
+
 def fastchat_worker_python() -> Path:
     """FastChat 0.2.36's model worker with torch (requirements/fastchat-worker.in)."""
     return peer_python("fastchat-worker")

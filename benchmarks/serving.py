@@ -399,7 +399,7 @@ def paged_worker(work: Path, model: Path, name: str, args, *flags: str, controll
 
 
 def vllm_server(work: Path, model: Path, name: str, args) -> Service:
-    from benchmarks.peers import vllm_python
+    from benchmarks.peers import vllm_cpu_env, vllm_python
 
     port = free_port()
     argv = [
@@ -408,8 +408,7 @@ def vllm_server(work: Path, model: Path, name: str, args) -> Service:
         "float32", "--max-model-len", str(args.max_model_len), "--no-enable-prefix-caching",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": THREADS, "VLLM_CPU_KVCACHE_SPACE": str(max(1, args.kv_cache_mb >> 10)),
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # fmt: skip
+    env = vllm_cpu_env(int(THREADS), args.kv_cache_mb << 20)
     return Service("vllm", argv, port, "/v1/models", work, env=env, ready_timeout=READY_S)
 
 
