@@ -47,7 +47,7 @@ from benchmarks.common import (
 )
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 def run_pagedserve(path, prompts, output_len, args) -> dict:
@@ -59,9 +59,11 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
         )
     )  # fmt: skip
     # The same work as transformers' min_new_tokens=output_len below: EOS banned to the end.
+    # Answers are collected once, at their end, as LLM.generate and vLLM's generate do.
     params = SamplingParams(
-        temperature=0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True
-    )
+        temperature=0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )  # fmt: skip
     profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
     if profiler:
