@@ -80,6 +80,15 @@ def test_prefill_only_batch_is_the_reference():
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [None, 30])
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_whole_prompts_attend_causally_one_at_a_time(window, num_kv_heads):
+    # Whole prompts (query = context) take SDPA's causal kernel unless the window cuts in (40).
+    check([(23, 23), (40, 40), (16, 16), (3, 3)], window=window, clean=True, block_size=8,
+          num_heads=4, num_kv_heads=num_kv_heads)  # fmt: skip
+
+
+@needs_kernel
 def test_bfloat16_decodes():
     check(DECODES, dtype=torch.bfloat16, num_heads=8, num_kv_heads=2)
 
