@@ -11,9 +11,17 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_cases import MIXED, make_case
 from servers import skip_or_fail_in_ci
 
+from pagedserve.engine.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    pack_linear_weights,
+)
+from pagedserve.engine.parallel import ParallelContext
 from pagedserve.kernels import cpu, ops
 from pagedserve.kernels import reference as ref
 
@@ -234,3 +242,31 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     old = lock.stat().st_mtime - cpu.STALE_BUILD_LOCK_SECONDS - 1
     os.utime(lock, (old, old))
     assert cpu.remove_stale_build_lock(tmp_path) and not lock.exists()
+
+
+# --- linear layers through oneDNN ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_layers_match_f_linear(dtype):
+    """The weights the model runner reorders for oneDNN give F.linear's products, bias and
+    all, at a decode batch and at a prefill batch."""
+    tp = ParallelContext()
+    layers = [
+        ColumnParallelLinear(96, {"q": (4, 16), "k": (2, 16), "v": (2, 16)}, bias=True, tp=tp),
+        RowParallelLinear((4, 24), 80, bias=True, tp=tp),
+        ParallelLMHead(300, 72, tp=tp),
+    ]
+    model = torch.nn.ModuleList(layers).to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.data.normal_(generator=gen)
+    pack_linear_weights(model)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for layer in layers:
+        assert layer.packed is not None
+        bias = getattr(layer, "bias", None)  # the LM head has none
+        for rows in (3, 200):
+            x = torch.randn(rows, layer.weight.shape[1], generator=gen).to(dtype)
+            want = F.linear(x.float(), layer.weight.float(), None if bias is None else bias.float())
+            torch.testing.assert_close(layer(x).float(), want, **tol)
