@@ -5,10 +5,10 @@ with its residual add, and the rotary embedding in place.
 On a CPU the reference's decode attention spends more time gathering each sequence's blocks
 into a padded copy than attending; `paged_attention_decode` reads every key and value once,
 where it lies. Prefill chunks take SDPA (compute-bound, and SDPA's blocked kernel is the
-faster one there), one sequence at a time. RMSNorm and rotary are one pass over each row instead of
-several torch calls. store_kv, copy_blocks and silu_and_mul are the reference's (single
-torch ops already, vectorized). Where no C++ compiler is at hand, `available()` says so once
-and the reference runs instead.
+faster one there), one sequence at a time. RMSNorm and rotary are one pass over each row
+instead of several torch calls. store_kv, copy_blocks and silu_and_mul are the reference's
+(single torch ops already, vectorized). Where no C++ compiler is at hand, `available()`
+says so once and the reference runs instead.
 """
 
 from __future__ import annotations
