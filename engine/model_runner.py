@@ -19,7 +19,7 @@ from torch import nn
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
-from pagedserve.engine.layers import PagedAttention, bind_kernels
+from pagedserve.engine.layers import PagedAttention, bind_kernels, pack_linear_weights
 from pagedserve.engine.model_loader import LoadedModel
 from pagedserve.engine.parallel import ParallelContext, StepInput
 from pagedserve.engine.sampler import Sample, SamplingTensors, sample
@@ -64,6 +64,8 @@ class ModelRunner:
         logger.info("attention backend: %s", self.attention_backend)
         self.model: nn.Module = loaded.model
         bind_kernels(self.model, self.kernels)
+        if self.device.type == "cpu":
+            pack_linear_weights(self.model)
         self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.eos_token_ids = loaded.eos_token_ids

@@ -11,9 +11,17 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_cases import MIXED, make_case
 from servers import skip_or_fail_in_ci
 
+from pagedserve.engine.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    pack_linear_weights,
+)
+from pagedserve.engine.parallel import ParallelContext
 from pagedserve.kernels import cpu, ops
 from pagedserve.kernels import reference as ref
 
@@ -77,6 +85,15 @@ def test_mixed_batch_decode_and_prefill_rows(window):
 @needs_kernel
 def test_prefill_only_batch_is_the_reference():
     check([(23, 23), (50, 7), (90, 33)], clean=True, block_size=8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 30])
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_whole_prompts_attend_causally_one_at_a_time(window, num_kv_heads):
+    # Whole prompts (query = context) take SDPA's causal kernel unless the window cuts in (40).
+    check([(23, 23), (40, 40), (16, 16), (3, 3)], window=window, clean=True, block_size=8,
+          num_heads=4, num_kv_heads=num_kv_heads)  # fmt: skip
 
 
 @needs_kernel
@@ -225,3 +242,31 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     old = lock.stat().st_mtime - cpu.STALE_BUILD_LOCK_SECONDS - 1
     os.utime(lock, (old, old))
     assert cpu.remove_stale_build_lock(tmp_path) and not lock.exists()
+
+
+# --- linear layers through oneDNN ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_layers_match_f_linear(dtype):
+    """The weights the model runner reorders for oneDNN give F.linear's products, bias and
+    all, at a decode batch and at a prefill batch."""
+    tp = ParallelContext()
+    layers = [
+        ColumnParallelLinear(96, {"q": (4, 16), "k": (2, 16), "v": (2, 16)}, bias=True, tp=tp),
+        RowParallelLinear((4, 24), 80, bias=True, tp=tp),
+        ParallelLMHead(300, 72, tp=tp),
+    ]
+    model = torch.nn.ModuleList(layers).to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.data.normal_(generator=gen)
+    pack_linear_weights(model)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for layer in layers:
+        assert layer.packed is not None
+        bias = getattr(layer, "bias", None)  # the LM head has none
+        for rows in (3, 200):
+            x = torch.randn(rows, layer.weight.shape[1], generator=gen).to(dtype)
+            want = F.linear(x.float(), layer.weight.float(), None if bias is None else bias.float())
+            torch.testing.assert_close(layer(x).float(), want, **tol)

@@ -4,11 +4,11 @@ with its residual add, and the rotary embedding in place.
 
 On a CPU the reference's decode attention spends more time gathering each sequence's blocks
 into a padded copy than attending; `paged_attention_decode` reads every key and value once,
-where it lies. Prefill chunks keep the reference's SDPA (compute-bound, and SDPA's blocked
-kernel is the faster one there). RMSNorm and rotary are one pass over each row instead of
-several torch calls. store_kv, copy_blocks and silu_and_mul are the reference's (single
-torch ops already, vectorized). Where no C++ compiler is at hand, `available()` says so once
-and the reference runs instead.
+where it lies. Prefill chunks take SDPA (compute-bound, and SDPA's blocked kernel is the
+faster one there), one sequence at a time. RMSNorm and rotary are one pass over each row
+instead of several torch calls. store_kv, copy_blocks and silu_and_mul are the reference's
+(single torch ops already, vectorized). Where no C++ compiler is at hand, `available()`
+says so once and the reference runs instead.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pagedserve.kernels import reference
 from pagedserve.kernels.reference import copy_blocks, silu_and_mul, store_kv
@@ -116,13 +117,40 @@ def paged_attention(
         return out
 
     def prefill(q, tables, lens, q_lens):
-        return reference._padded_attention(
-            q, k_cache, v_cache, tables, lens, q_lens, scale, sliding_window
-        )
+        return _prefill(q, k_cache, v_cache, tables, lens, q_lens, scale, sliding_window)
 
     return reference.split_by_kind(
         query, block_tables, context_lens, query_start_loc, decode, prefill
     )
+
+
+def _prefill(query, k_cache, v_cache, block_tables, context_lens, q_lens, scale, window):
+    """The prefill chunks one sequence at a time: a whole prompt (no cached prefix, no window
+    cutting in) takes SDPA's causal flash kernel over its own keys, ~3x faster than the
+    reference's one batch padded to the longest prompt under a mask; the others, the
+    reference's masked attention on their own."""
+    out = torch.empty_like(query)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    start = 0
+    for i, (n, q_len) in enumerate(zip(context_lens.tolist(), q_lens.tolist(), strict=True)):
+        rows = slice(start, start + q_len)
+        start += q_len
+        if q_len != n or (window is not None and n > window):
+            out[rows] = reference._padded_attention(
+                query[rows], k_cache, v_cache, block_tables[i : i + 1], context_lens[i : i + 1],
+                q_lens[i : i + 1], scale, window,
+            )  # fmt: skip
+            continue
+        blocks = block_tables[i, : -(-n // block_size)]
+        keys = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:n]
+        values = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:n]
+        # [1, heads, tokens, dim]: with a batch axis SDPA takes its flash kernel (1.5x faster)
+        q, k, v = (t.transpose(0, 1)[None] for t in (query[rows], keys, values))
+        attended = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True
+        )
+        out[rows] = attended[0].transpose(0, 1)
+    return out
 
 
 def rms_norm(x, weight, eps: float, residual=None):
