@@ -401,9 +401,20 @@ def _rank_info(rank: int, loaded: LoadedModel, runner: ModelRunner) -> dict:
         "rank": rank,
         "pid": os.getpid(),
         "num_blocks": runner.num_blocks,
-        "param_shapes": {n: tuple(p.shape) for n, p in loaded.model.named_parameters()},
+        "param_shapes": _param_shapes(loaded.model),
         "reads": list(loaded.reads),
     }
+
+
+def _param_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape; a linear weight packed for oneDNN (its plain copy freed) by the
+    packed tensor's, which keeps the logical shape."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None and f"{name}.weight" in shapes:
+            shapes[f"{name}.weight"] = tuple(packed.shape)
+    return shapes
 
 
 def _worker_error(ray, calls: list) -> BaseException | None:

@@ -19,6 +19,7 @@ from pagedserve.engine.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
+    VocabParallelEmbedding,
     pack_linear_weights,
 )
 from pagedserve.engine.parallel import ParallelContext
@@ -250,23 +251,30 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_layers_match_f_linear(dtype):
     """The weights the model runner reorders for oneDNN give F.linear's products, bias and
-    all, at a decode batch and at a prefill batch."""
+    all, at a decode batch and at a prefill batch; a packed layer's plain weight is freed
+    unless an embedding tied to it still reads it."""
     tp = ParallelContext()
+    embedding = VocabParallelEmbedding(300, 72, tp=tp)
+    tied_head = ParallelLMHead(300, 72, tp=tp)
+    tied_head.weight = embedding.weight
     layers = [
         ColumnParallelLinear(96, {"q": (4, 16), "k": (2, 16), "v": (2, 16)}, bias=True, tp=tp),
         RowParallelLinear((4, 24), 80, bias=True, tp=tp),
         ParallelLMHead(300, 72, tp=tp),
+        tied_head,
     ]
-    model = torch.nn.ModuleList(layers).to(dtype)
+    model = torch.nn.ModuleList([*layers, embedding]).to(dtype)
     gen = torch.Generator().manual_seed(5)
     for p in model.parameters():
         p.data.normal_(generator=gen)
+    weights = [layer.weight.detach().clone() for layer in layers]
     pack_linear_weights(model)
+    assert [layer.weight.numel() == 0 for layer in layers] == [True, True, True, False]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for layer in layers:
+    for layer, weight in zip(layers, weights, strict=True):
         assert layer.packed is not None
         bias = getattr(layer, "bias", None)  # the LM head has none
         for rows in (3, 200):
-            x = torch.randn(rows, layer.weight.shape[1], generator=gen).to(dtype)
-            want = F.linear(x.float(), layer.weight.float(), None if bias is None else bias.float())
+            x = torch.randn(rows, weight.shape[1], generator=gen).to(dtype)
+            want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
             torch.testing.assert_close(layer(x).float(), want, **tol)
