@@ -224,10 +224,13 @@ class EngineCore:
                 sampled.setdefault(seq.request_id, []).append(seq)
         for request_id, seqs in sampled.items():
             group = self.requests[request_id]
-            out = moved.setdefault(request_id, CoreOutput(request_id))
             if group.beam is not None:
                 self._beam_step(group, result.samples)
+                if not group.beam.done:
+                    continue  # beam search reports only at its end
+                out = moved.setdefault(request_id, CoreOutput(request_id))
             else:
+                out = moved.setdefault(request_id, CoreOutput(request_id))
                 for seq in seqs:
                     self._sample_step(group, seq, result.samples[seq.seq_id], out)
             out.first_token_time = group.seqs[0].first_token_time

@@ -80,7 +80,11 @@ class OutputProcessor:
         """Take a sequence's next token into its text; returns the stop string it completes,
         if any, unless the core already ended the sequence on EOS or a stop token."""
         state = self._states[request_id]
-        seq = self._seq(state, index)
+        return self._take(state, self._seq(state, index), token, core_finished)
+
+    def _take(
+        self, state: _RequestState, seq: _SeqState, token: int, core_finished: bool
+    ) -> str | None:
         new_chars = len(seq.text.append(self.tokenizer, token))
         seq.token_ids.append(token)
         params = state.params
@@ -115,7 +119,7 @@ class OutputProcessor:
             if core.first_token_time is not None:
                 state.first_token_time = core.first_token_time
             for update in core.seqs:
-                stop = self._update(core.request_id, state, update)
+                stop = self._update(state, update)
                 if stop is not None:
                     stops.append((core.request_id, update.index, stop))
             finished = core.finished or (
@@ -126,12 +130,12 @@ class OutputProcessor:
                 outputs.append(out)
         return outputs, stops
 
-    def _update(self, request_id: str, state: _RequestState, update: SequenceUpdate) -> str | None:
+    def _update(self, state: _RequestState, update: SequenceUpdate) -> str | None:
         seq = self._seq(state, update.index)
+        core_ended = update.finish_reason == "stop"  # on EOS or a stop token
         stop = None
         for token in update.new_token_ids:
-            core_ended = update.finish_reason == "stop"  # EOS or a stop token
-            stop = self.append_token(request_id, update.index, token, core_ended)
+            stop = self._take(state, seq, token, core_ended)
         if update.new_logprobs is not None:
             seq.logprobs += update.new_logprobs
         seq.cumulative_logprob = update.cumulative_logprob
