@@ -1,8 +1,8 @@
-"""Shared fixtures: random-weight models built once per test session."""
+"""Shared fixtures: random-weight models built once per test session, and an engine on one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +44,18 @@ def cpu_attention_kernel() -> None:
 def tiny_llama(build_cached: BuildCached) -> Path:
     """A tiny Llama (2 layers, hidden 64, GQA, tied embeddings) with its tokenizer."""
     return build_cached("llama", "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path) -> Iterator:
+    """An LLMEngine on the tiny Llama (max_model_len 256, a 16 MiB cache), one per test module;
+    a module that needs another engine defines its own `engine`."""
+    from pagedserve.engine.config import EngineConfig
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=str(tiny_llama), max_model_len=256, kv_cache_memory=16 << 20)
+    with LLMEngine(config) as e:
+        yield e
 
 
 @pytest.fixture(scope="session")

@@ -4,25 +4,12 @@ scheduler's block tables and the runner's results are plain copies, not live eng
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
-from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.engine_core import CoreOutput
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
 PROMPT = [1, 17, 42, 99, 5, 23, 8, 64, 2, 11]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama: Path) -> Iterator[LLMEngine]:
-    config = EngineConfig(model=str(tiny_llama), max_model_len=256, kv_cache_memory=16 << 20)
-    with LLMEngine(config) as e:
-        yield e
 
 
 def drain_core(engine: LLMEngine) -> list[CoreOutput]:

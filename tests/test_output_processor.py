@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ DELTA, CUMULATIVE, FINAL = (
     RequestOutputKind.FINAL_ONLY,
 )
 _ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama: Path) -> Iterator[LLMEngine]:
-    config = EngineConfig(model=str(tiny_llama), max_model_len=256, kv_cache_memory=16 << 20)
-    with LLMEngine(config) as e:
-        yield e
 
 
 def run(

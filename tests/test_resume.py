@@ -16,7 +16,6 @@ import pytest
 import torch
 from servers import ServerProcess, worker_process
 
-from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.llm_engine import InvalidRequestError, LLMEngine
 from pagedserve.engine.outputs import CompletionOutput
 from pagedserve.engine.resume import Resume
@@ -28,13 +27,6 @@ PROMPT = "Once upon a time"
 _ids = itertools.count()
 
 # -- the engine ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama: Path) -> Iterator[LLMEngine]:
-    config = EngineConfig(model=str(tiny_llama), max_model_len=256, kv_cache_memory=16 << 20)
-    with LLMEngine(config) as e:
-        yield e
 
 
 def generate(
