@@ -2,21 +2,33 @@
 //
 // The PyTorch reference gathers every sequence's blocks into a padded copy and then runs SDPA:
 // on a CPU, decode attention is bound by memory traffic, and that copy (padded to the longest
-// sequence) costs more than the attention itself. Here each (sequence, KV head) reads its keys
-// and values once, where they lie, through the block table. Work items run on torch's
-// intra-op thread pool, so `torch.set_num_threads` (the engine's cpu_threads) governs them.
+// sequence) costs more than the attention itself. Here each key and value is read once, where
+// it lies, through the block table: with AVX-512 (and a head_dim of whole vectors), each
+// sequence's slots in order, every head at once; elsewhere, each (sequence, KV head) on its
+// own. Work items run on torch's intra-op thread pool, so `torch.set_num_threads` (the
+// engine's cpu_threads) governs them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 
+using pagedserve::exp_nonpositive;
 using pagedserve::to_float;
+
+
+
 
 namespace {
 
@@ -28,6 +40,35 @@ inline void prefetch_rows(const scalar_t* base, const int64_t* rows, int64_t hea
   for (int64_t r = 0; r < 4; ++r)
     for (int64_t b = 0; b < bytes; b += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(base + rows[r]) + b);
+}
+
+// One work item: a sequence's KV heads [first_kv_head, end_kv_head).
+struct Item {
+  int64_t seq, first_kv_head, end_kv_head;
+};
+
+// The work items, split over torch's threads by the keys each reads (not by count), so that
+// no thread waits on another that holds the long sequences.
+template <typename Fn>
+void for_each_item(int64_t num_seqs, int64_t num_kv_heads, int64_t heads_per_item,
+                   const int32_t* context_lens, int64_t window, const Fn& attend) {
+  const int64_t per_seq = num_kv_heads / heads_per_item, items = num_seqs * per_seq;
+  std::vector<int64_t> cost(items + 1, 0);  // cumulative keys read, plus a fixed cost each
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t n = context_lens[i / per_seq];
+    cost[i + 1] = cost[i] + (window > 0 ? std::min(n, window) : n) + 16;
+  }
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    auto share_start = [&](int64_t t) {
+      return std::lower_bound(cost.begin(), cost.end(), cost[items] * t / threads) - cost.begin();
+    };
+    std::vector<float> scratch;  // the thread's, reused by each of its items
+    for (int64_t i = share_start(begin); i < std::min(share_start(end), items); ++i) {
+      const int64_t head = (i % per_seq) * heads_per_item;
+      attend(Item{i / per_seq, head, head + heads_per_item}, scratch);
+    }
+  });
 }
 
 // Keys are taken four at a time: four independent dot products (and one pass over the
@@ -132,6 +173,158 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
   });
 }
 
+#if defined(__AVX512F__)
+// With AVX-512 and a head_dim of whole vectors: each sequence's slots swept in order, 16 at a
+// time, every head of the item from each slot row, with the next 16 slots fetched into L2
+// meanwhile. Measured on 2 EPYC cores, 32 sequences of 100-320 tokens with caches not in
+// cache (as in an engine step, where each layer's weights pass through in between): 0.62 ms
+// a call where the per-head kernel above takes 0.9-1.0 ms, against 0.5 ms for a plain read
+// of the same bytes. Without the prefetch the sweep is no faster: the hardware prefetcher
+// does not follow block tables.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 widened by a shift, as to_float
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Lane j of the result: the sum of v[j]'s 16 lanes (v is clobbered). A tree of shuffles
+// and adds: 16 dot products cost about what one horizontal sum each would.
+inline __m512 sum_lanes16(__m512* v) {
+  for (int i = 0; i < 8; ++i)  // 16 -> 8: halves of 8 partial sums
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 8 -> 4: quarters of 4
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // 4 -> 2: pairs
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xEE));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88),
+                                    _mm512_shuffle_ps(v[0], v[1], 0xDD));
+  // Lane 4q + i now holds v[q + 4i]'s sum.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+
+// The slots of positions [first, end) of one sequence, in runs that stay inside one block.
+struct Runs {
+  const int32_t* table;
+  int64_t block_size, row;  // row: elements of one slot (all KV heads)
+
+  template <typename scalar_t>
+  const scalar_t* slots(const scalar_t* cache, int64_t pos) const {
+    return cache + (int64_t(table[pos / block_size]) * block_size + pos % block_size) * row;
+  }
+  int64_t length(int64_t pos, int64_t end, int64_t max_run) const {
+    return std::min({max_run, block_size - pos % block_size, end - pos});
+  }
+  template <typename scalar_t, typename Fn>
+  void each(const scalar_t* cache, int64_t first, int64_t end, int64_t max_run, Fn fn) const {
+    for (int64_t pos = first, n; pos < end; pos += n) {
+      n = length(pos, end, max_run);
+      fn(slots(cache, pos), pos, n);
+    }
+  }
+};
+
+// Into L2: fetched into L1 they crowd out the run being read.
+template <typename scalar_t>
+void prefetch_run(const scalar_t* slots, int64_t n, int64_t row, int64_t offset, int64_t width) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* p = reinterpret_cast<const char*>(slots + j * row + offset);
+    for (int64_t b = 0; b < width * int64_t(sizeof(scalar_t)); b += 64)
+      _mm_prefetch(p + b, _MM_HINT_T1);
+  }
+}
+
+template <typename scalar_t>
+void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_cache,
+                   const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
+                   int64_t num_seqs, int64_t max_blocks, int64_t block_size, int64_t num_heads,
+                   int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window) {
+  constexpr int64_t kRun = 16;  // slots per run: one vector of scores
+  const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 16;
+  const int64_t row = num_kv_heads * head_dim;
+  // Whole sequences per item where there are enough to share out; else a KV head each.
+  const int64_t heads_per_item = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  auto attend = [&](Item item, std::vector<float>& scratch) {
+    const int64_t seq = item.seq, n = context_lens[seq];
+    const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, len = n - first;
+    const int64_t h0 = item.first_kv_head * group, h1 = item.end_kv_head * group;
+    const int64_t offset = item.first_kv_head * head_dim, width = (h1 - h0) / group * head_dim;
+    const Runs runs{block_tables + seq * max_blocks, block_size, row};
+    scratch.resize(num_heads * (2 * head_dim + 1 + len));
+    float* q = scratch.data();
+    float* acc = q + num_heads * head_dim;
+    float* sum = acc + num_heads * head_dim;
+    float* scores = sum + num_heads;
+    std::vector<int64_t> kv_head_offset(h1 - h0);  // of each query head's KV head in a slot
+    for (int64_t h = h0; h < h1; ++h) {
+      kv_head_offset[h - h0] = h / group * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d)
+        q[h * head_dim + d] = to_float(query[(seq * num_heads + h) * head_dim + d]) * scale;
+    }
+
+    // Scores: per run and head, 16 dot products summed into one vector.
+    runs.each(k_cache, first, n, kRun, [&](const scalar_t* slots, int64_t pos, int64_t m) {
+      if (pos + m < n)
+        prefetch_run(runs.slots(k_cache, pos + m), runs.length(pos + m, n, kRun), row, offset, width);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* qh = q + h * head_dim;
+        const scalar_t* keys = slots + kv_head_offset[h - h0];
+        __m512 dots[kRun];
+        for (int64_t j = 0; j < kRun; ++j) {
+          if (j >= m) {
+            dots[j] = _mm512_setzero_ps();
+            continue;
+          }
+          const scalar_t* key = keys + j * row;
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(key));
+          for (int64_t c = 1; c < chunks; ++c)
+            x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load16(key + 16 * c), x);
+          dots[j] = x;
+        }
+        _mm512_mask_storeu_ps(scores + h * len + (pos - first), __mmask16((1u << m) - 1),
+                              sum_lanes16(dots));
+      }
+    });
+    for (int64_t h = h0; h < h1; ++h) {
+      float* s = scores + h * len;
+      float m = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t i = 0; i < len; ++i) m = std::max(m, s[i]);
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < len; ++i) total += (s[i] = exp_nonpositive(s[i] - m));
+      sum[h] = total;
+    }
+
+    // The weighted values: per run, head and vector of head_dim, one accumulator register.
+    std::fill(acc + h0 * head_dim, acc + h1 * head_dim, 0.f);
+    runs.each(v_cache, first, n, kRun, [&](const scalar_t* slots, int64_t pos, int64_t m) {
+      if (pos + m < n)
+        prefetch_run(runs.slots(v_cache, pos + m), runs.length(pos + m, n, kRun), row, offset, width);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* p = scores + h * len + (pos - first);
+        const scalar_t* values = slots + kv_head_offset[h - h0];
+        float* a = acc + h * head_dim;
+        for (int64_t c = 0; c < chunks; ++c) {
+          __m512 x = _mm512_loadu_ps(a + 16 * c);
+          for (int64_t j = 0; j < m; ++j)
+            x = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(values + j * row + 16 * c), x);
+          _mm512_storeu_ps(a + 16 * c, x);
+        }
+      }
+    });
+    for (int64_t h = h0; h < h1; ++h) {
+      scalar_t* dst = out + (seq * num_heads + h) * head_dim;
+      const float inv = 1.f / sum[h];
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = scalar_t(acc[h * head_dim + d] * inv);
+    }
+  };
+  for_each_item(num_seqs, num_kv_heads, heads_per_item, context_lens, window, attend);
+}
+#endif  // __AVX512F__
+
 }  // namespace
 
 // query/out [num_seqs, num_heads, head_dim]: each sequence's one new token, whose keys are the
@@ -147,6 +340,18 @@ void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "paged_attention_decode", [&] {
+#if defined(__AVX512F__)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (head_dim % 16 == 0) {
+        decode_avx512<scalar_t>(query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
+                                context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
+                                num_seqs, block_tables.size(1), block_size, num_heads,
+                                num_kv_heads, head_dim, float(scale), window);
+        return;
+      }
+    }
+#endif
     decode<scalar_t>(query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                      v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                      context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
