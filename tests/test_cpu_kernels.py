@@ -1,7 +1,8 @@
 """The CPU kernels (kernels/cpu/, C++ built on first use) against the PyTorch reference:
 decode attention read in place from NaN-poisoned paged caches (mixed batches, GQA ratios, odd
 head dims, sliding windows, bfloat16), RMSNorm with its residual, the rotary embedding in
-place; and the fallback where they cannot be built."""
+place, SiLU-and-mul, the store of keys and values; and the fallback where they cannot be
+built."""
 
 from __future__ import annotations
 
@@ -152,6 +153,40 @@ def test_rotary_in_place_on_a_fused_qkv_matches_reference(dtype, head_dim, rotar
         rotate(positions, q.view(tokens, heads, -1), k.view(tokens, kv_heads, -1), cos, sin,
                rotary_dim)  # fmt: skip
     torch.testing.assert_close(qkv, want, **FUSED_TOL[dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_reference(dtype):
+    """Gates far into both tails (exp(-|g|) underflows) and around zero; within an ulp of the
+    dtype (the kernel's exp is its own, within an ulp of libm's)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (8 * torch.randn(5, 3, 2 * 136, generator=gen)).to(dtype)
+    x[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)
+    got, want = cpu.silu_and_mul(x), ref.silu_and_mul(x)
+    assert got.shape == want.shape == (5, 3, 136) and got.dtype == dtype
+    ulp = dict(rtol=3e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(got, want, **ulp)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_from_a_fused_qkv_matches_reference(dtype):
+    """Keys and values as strided views of one qkv projection; slot -1 (padding) stores
+    nothing; every other slot of the caches keeps what it held."""
+    gen = torch.Generator().manual_seed(6)
+    tokens, kv_heads, head_dim, blocks, block_size = 7, 2, 16, 4, 8
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    _, k, v = qkv.split([4 * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    slots = torch.tensor([3, 17, -1, 30, 0, 9, -1])
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+              for _ in range(2)]  # fmt: skip
+    want = [c.clone() for c in caches]
+    ref.store_kv(k, v, *want, slots)
+    cpu.store_kv(k, v, *caches, slots)
+    for got, expected in zip(caches, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @needs_kernel

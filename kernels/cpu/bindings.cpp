@@ -9,9 +9,14 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
               c10::optional<at::Tensor> residual, c10::optional<at::Tensor> new_residual);
 void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
                       int64_t rotary_dim);
+void silu_and_mul(at::Tensor out, at::Tensor x);
+void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor slot_mapping);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode);
   m.def("rms_norm", &rms_norm);
   m.def("rotary_embedding", &rotary_embedding);
+  m.def("silu_and_mul", &silu_and_mul);
+  m.def("store_kv", &store_kv);
 }

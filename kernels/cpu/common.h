@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <bit>
 
 namespace pagedserve {
 
@@ -14,10 +14,7 @@ namespace pagedserve {
 // vectorizes, where c10's own conversion stays a scalar call per element.
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = uint32_t(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return std::bit_cast<float>(uint32_t(x.x) << 16);
 }
 
 // A float rounded to the element type and back: the value torch's own ops would hold between
@@ -42,10 +39,7 @@ inline float exp_nonpositive(float x) {
   p = p * f + 2.402265069591007e-01f;
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n: n >= -126 after the clamp
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
+  return p * std::bit_cast<float>((int32_t(n) + 127) << 23);  // 2^n: n >= -126 after the clamp
 }
 
 }  // namespace pagedserve

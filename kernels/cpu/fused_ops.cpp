@@ -1,16 +1,20 @@
 // Per-token ops for CPUs, one pass over each row instead of several torch calls (each of which
 // reads and writes the whole [tokens, hidden] tensor): RMSNorm with the residual add in front,
-// and the rotary embedding applied in place. kernels/reference.py is their specification,
+// the rotary embedding applied in place, SiLU(gate) * up, and the store of each token's keys
+// and values into its cache slot. kernels/reference.py is their specification,
 // rounding included: where the reference rounds to the tensor's dtype between steps, so do
 // these.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common.h"
 
+using pagedserve::exp_nonpositive;
 using pagedserve::rounded;
 using pagedserve::to_float;
 
@@ -101,5 +105,66 @@ void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Te
     rotate_rows<scalar_t>(positions.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0),
                           x.size(1), x.stride(0), x.stride(1), cos.data_ptr<float>(),
                           sin.data_ptr<float>(), rotary_dim);
+  });
+}
+
+namespace {
+
+template <typename scalar_t>
+void silu_and_mul_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t d) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* gate = x + r * 2 * d;
+      const scalar_t* up = gate + d;
+      scalar_t* o = out + r * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const float g = to_float(gate[i]);
+        const float e = exp_nonpositive(-std::abs(g));  // sigmoid from exp(-|g|): no overflow
+        const float sigmoid = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+        // The reference rounds silu(gate) to the dtype before the product.
+        o[i] = scalar_t(rounded<scalar_t>(g * sigmoid) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [rows, 2 * d] contiguous -> out [rows, d]: silu(x[:, :d]) * x[:, d:], one pass.
+void silu_and_mul(at::Tensor out, at::Tensor x) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous(), "silu_and_mul needs contiguous tensors");
+  const int64_t d = x.size(-1) / 2, rows = x.numel() / std::max<int64_t>(2 * d, 1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_rows<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, d);
+  });
+}
+
+// key/value [tokens, kv_heads, head_dim] with each token's heads contiguous (a view of the
+// fused qkv projection is); caches [blocks, block_size, kv_heads, head_dim]; slot -1: skip.
+// One copy of each token's row, where the reference's index_put goes through TensorIterator.
+void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor slot_mapping) {
+  const int64_t row = k_cache.size(2) * k_cache.size(3);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "store_kv: contiguous caches");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+              value.stride(1) == value.size(2) && key.size(1) * key.size(2) == row,
+              "store_kv: each token's keys and values must be one contiguous row");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "store_kv: int64 slot mapping");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t bytes = row * key.element_size();
+  const auto* k = static_cast<const char*>(key.data_ptr());
+  const auto* v = static_cast<const char*>(value.data_ptr());
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size();
+  const int64_t v_stride = value.stride(0) * value.element_size();
+  at::parallel_for(0, key.size(0), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] < 0) continue;
+      std::memcpy(kc + slots[t] * bytes, k + t * k_stride, bytes);
+      std::memcpy(vc + slots[t] * bytes, v + t * v_stride, bytes);
+    }
   });
 }
