@@ -35,7 +35,11 @@ logger = logging.getLogger(__name__)
 # (floating-point traps are masked anyway): without it gcc leaves the loops of the kernels'
 # exp (softmax, SiLU) scalar, 5x slower.
 _FLAGS = [
-    "-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math",
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fno-math-errno",
+    "-fno-trapping-math",
     "-fopenmp",
 ]
 
