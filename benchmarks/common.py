@@ -74,13 +74,17 @@ def matmul_bound_seconds(hf_config, prefill_tokens: int, decode_tokens: int, dty
 
     def seconds_per_token(k: int, m: int) -> float:
         """The fastest GEMM at hand: torch's matmul (MKL on a CPU) or, where the engine uses
-        it, oneDNN's with the weight reordered once (engine/layers.py)."""
+        them, oneDNN's with the weight reordered once and the CPU kernels' float32 matmul on
+        its packed weight (engine/layers.py)."""
+        from pagedserve.engine.layers import OneDNNWeight
+        from pagedserve.kernels import cpu
+
         w, x = torch.randn(k, m, dtype=dtype), torch.randn(n, k, dtype=dtype)
         runs = [lambda: x @ w]
         if dtype in (torch.float32, torch.bfloat16):
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous())
-            pointwise = torch.ops.mkldnn._linear_pointwise
-            runs.append(lambda: pointwise(x, packed, None, "none", [], ""))
+            for packed in (OneDNNWeight(w.t()), cpu.pack_linear(w.t())):
+                if packed is not None:
+                    runs.append(lambda packed=packed: packed(x))
         return min(best_of_five(run) for run in runs) / n
 
     per_token = sum(count * seconds_per_token(*shape) for shape, count in shapes.items())

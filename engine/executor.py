@@ -407,8 +407,8 @@ def _rank_info(rank: int, loaded: LoadedModel, runner: ModelRunner) -> dict:
 
 
 def _param_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape; a linear weight packed for oneDNN (its plain copy freed) by the
-    packed tensor's, which keeps the logical shape."""
+    """Each parameter's shape; a linear weight packed for a CPU matmul (its plain copy freed)
+    by the packed weight's logical shape."""
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for name, module in model.named_modules():
         packed = getattr(module, "packed", None)

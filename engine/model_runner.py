@@ -65,7 +65,7 @@ class ModelRunner:
         self.model: nn.Module = loaded.model
         bind_kernels(self.model, self.kernels)
         if self.device.type == "cpu":
-            pack_linear_weights(self.model)
+            pack_linear_weights(self.model, getattr(self.kernels, "pack_linear", None))
         self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.eos_token_ids = loaded.eos_token_ids

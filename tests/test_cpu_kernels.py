@@ -280,14 +280,27 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     assert cpu.remove_stale_build_lock(tmp_path) and not lock.exists()
 
 
-# --- linear layers through oneDNN ----------------------------------------------------------
+# --- packed linear layers: the CPU kernels' float32 matmul, else oneDNN ---------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_layers_match_f_linear(dtype):
-    """The weights the model runner reorders for oneDNN give F.linear's products, bias and
-    all, at a decode batch and at a prefill batch; a packed layer's plain weight is freed
-    unless an embedding tied to it still reads it."""
+def kernel_packing():
+    if not cpu.available() or not cpu._ops().packed_linear_available():
+        skip_or_fail_in_ci("the CPU kernels' matmul needs AVX-512 and a C++ toolchain")
+    return cpu.pack_linear
+
+
+@pytest.mark.parametrize(
+    ("dtype", "packing"),
+    [(torch.float32, "onednn"), (torch.bfloat16, "onednn"), (torch.float32, "kernels"),
+     (torch.bfloat16, "kernels")],
+)  # fmt: skip
+def test_packed_linear_layers_match_f_linear(dtype, packing):
+    """The weights the model runner packs give F.linear's products, bias and all, at 1 to 8
+    rows (each tile shape of the kernels' matmul), a decode batch and a prefill batch, on
+    widths that are not whole panels; a packed layer's plain weight is freed unless an
+    embedding tied to it still reads it. The kernels take float32 only: bfloat16 falls
+    back to oneDNN."""
+    pack = kernel_packing() if packing == "kernels" else None
     tp = ParallelContext()
     embedding = VocabParallelEmbedding(300, 72, tp=tp)
     tied_head = ParallelLMHead(300, 72, tp=tp)
@@ -303,13 +316,20 @@ def test_packed_linear_layers_match_f_linear(dtype):
     for p in model.parameters():
         p.data.normal_(generator=gen)
     weights = [layer.weight.detach().clone() for layer in layers]
-    pack_linear_weights(model)
+    pack_linear_weights(model, pack)
     assert [layer.weight.numel() == 0 for layer in layers] == [True, True, True, False]
+    kinds = {type(layer.packed).__name__ for layer in layers}
+    assert kinds == {"PackedLinear" if pack and dtype == torch.float32 else "OneDNNWeight"}
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for layer, weight in zip(layers, weights, strict=True):
         assert layer.packed is not None
         bias = getattr(layer, "bias", None)  # the LM head has none
-        for rows in (3, 200):
+        assert layer.packed.shape == tuple(weight.shape)
+        for rows in (1, 2, 3, 5, 7, 8, 13, 32, 200):
             x = torch.randn(rows, weight.shape[1], generator=gen).to(dtype)
             want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
             torch.testing.assert_close(layer(x).float(), want, **tol)
+        wide = torch.randn(13, weight.shape[1] + 5, generator=gen).to(dtype)
+        x = wide[:, 2 : 2 + weight.shape[1]]  # rows strided, as a view of a wider projection
+        want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        torch.testing.assert_close(layer(x).float(), want, **tol)

@@ -1,7 +1,7 @@
 """CPU kernels in C++, compiled on first use with torch's extension builder and cached under
 ~/.cache/torch_extensions: decode attention read in place from the paged KV cache, RMSNorm
-with its residual add, the rotary embedding in place, SiLU(gate) * up, and the store of each
-step's keys and values.
+with its residual add, the rotary embedding in place, SiLU(gate) * up, the store of each
+step's keys and values, and float32 linear layers (linear.cpp) on packed weights.
 
 On a CPU the reference's decode attention spends more time gathering each sequence's blocks
 into a padded copy than attending; `paged_attention_decode` reads every key and value once,
@@ -89,7 +89,8 @@ def _ops():
 
     here = Path(__file__).parent
     sources = [
-        str(here / name) for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")
+        str(here / name)
+        for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "linear.cpp")
     ]
     name = f"pagedserve_cpu_kernels_{_cpu_tag()}_{_checkout_tag(here)}"
     remove_stale_build_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
@@ -188,6 +189,34 @@ def silu_and_mul(x):
     return out
 
 
+class PackedLinear:
+    """A float32 linear weight packed once into linear.cpp's panels; called as F.linear is."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.shape = tuple(weight.shape)  # the logical [out_features, in_features]
+        self.data = _ops().pack_linear_weight(weight.detach().contiguous())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = x.new_empty((*x.shape[:-1], self.shape[0]))
+        _ops().packed_linear(out.view(-1, self.shape[0]), rows, self.data, bias)
+        return out
+
+
+def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
+    """`weight` packed for linear.cpp, where it runs (float32, AVX-512); else None."""
+    if (
+        weight.dtype != torch.float32
+        or weight.device.type != "cpu"
+        or not available()
+        or not _ops().packed_linear_available()
+    ):
+        return None
+    return PackedLinear(weight)
+
+
 def rms_norm(x, weight, eps: float, residual=None):
     """reference.rms_norm in one pass per row (dtypes the kernel does not take: the reference)."""
     if (
@@ -227,6 +256,7 @@ def rotary_embedding(positions, query, key, cos, sin, rotary_dim: int) -> None:
 __all__ = [
     "available",
     "copy_blocks",
+    "pack_linear",
     "paged_attention",
     "rms_norm",
     "rotary_embedding",

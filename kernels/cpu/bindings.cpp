@@ -10,6 +10,10 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
 void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
                       int64_t rotary_dim);
 void silu_and_mul(at::Tensor out, at::Tensor x);
+bool packed_linear_available();
+at::Tensor pack_linear_weight(at::Tensor w);
+void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
+                   c10::optional<at::Tensor> bias);
 void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
               at::Tensor slot_mapping);
 
@@ -19,4 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("store_kv", &store_kv);
+  m.def("packed_linear_available", &packed_linear_available);
+  m.def("pack_linear_weight", &pack_linear_weight);
+  m.def("packed_linear", &packed_linear);
 }
