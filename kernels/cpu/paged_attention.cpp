@@ -19,7 +19,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -238,13 +237,15 @@ void prefetch_run(const scalar_t* slots, int64_t n, int64_t row, int64_t offset,
   }
 }
 
-template <typename scalar_t>
+// C: vectors of head_dim, known at compile time so that a key's dot product and a value's
+// accumulators stay in registers.
+template <typename scalar_t, int C>
 void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_cache,
                    const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
                    int64_t num_seqs, int64_t max_blocks, int64_t block_size, int64_t num_heads,
                    int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window) {
   constexpr int64_t kRun = 16;  // slots per run: one vector of scores
-  const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 16;
+  const int64_t group = num_heads / num_kv_heads;
   const int64_t row = num_kv_heads * head_dim;
   // Whole sequences per item where there are enough to share out; else a KV head each.
   const int64_t heads_per_item = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
@@ -273,16 +274,16 @@ void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_
       for (int64_t h = h0; h < h1; ++h) {
         const float* qh = q + h * head_dim;
         const scalar_t* keys = slots + kv_head_offset[h - h0];
-        __m512 dots[kRun];
+        __m512 qv[C], dots[kRun];
+        for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
         for (int64_t j = 0; j < kRun; ++j) {
           if (j >= m) {
             dots[j] = _mm512_setzero_ps();
             continue;
           }
           const scalar_t* key = keys + j * row;
-          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(key));
-          for (int64_t c = 1; c < chunks; ++c)
-            x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load16(key + 16 * c), x);
+          __m512 x = _mm512_mul_ps(qv[0], load16(key));
+          for (int c = 1; c < C; ++c) x = _mm512_fmadd_ps(qv[c], load16(key + 16 * c), x);
           dots[j] = x;
         }
         _mm512_mask_storeu_ps(scores + h * len + (pos - first), __mmask16((1u << m) - 1),
@@ -307,12 +308,21 @@ void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_
         const float* p = scores + h * len + (pos - first);
         const scalar_t* values = slots + kv_head_offset[h - h0];
         float* a = acc + h * head_dim;
-        for (int64_t c = 0; c < chunks; ++c) {
-          __m512 x = _mm512_loadu_ps(a + 16 * c);
-          for (int64_t j = 0; j < m; ++j)
-            x = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(values + j * row + 16 * c), x);
-          _mm512_storeu_ps(a + 16 * c, x);
+        __m512 even[C], odd[C];  // two chains per vector: FMA latency does not bound the loop
+        for (int c = 0; c < C; ++c) even[c] = _mm512_loadu_ps(a + 16 * c), odd[c] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= m; j += 2) {
+          const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+          const scalar_t* v = values + j * row;
+          for (int c = 0; c < C; ++c) {
+            even[c] = _mm512_fmadd_ps(p0, load16(v + 16 * c), even[c]);
+            odd[c] = _mm512_fmadd_ps(p1, load16(v + row + 16 * c), odd[c]);
+          }
         }
+        if (j < m)
+          for (int c = 0; c < C; ++c)
+            even[c] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(values + j * row + 16 * c), even[c]);
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(a + 16 * c, _mm512_add_ps(even[c], odd[c]));
       }
     });
     for (int64_t h = h0; h < h1; ++h) {
@@ -322,6 +332,23 @@ void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_
     }
   };
   for_each_item(num_seqs, num_kv_heads, heads_per_item, context_lens, window, attend);
+}
+
+// decode_avx512 at this head_dim, compiled for 16, 32, ... 128; false where none is.
+template <typename scalar_t, typename... Args>
+bool decode_avx512_for(int64_t head_dim, Args... args) {
+  if (head_dim % 16 != 0) return false;
+  switch (head_dim / 16) {
+    case 1: decode_avx512<scalar_t, 1>(args...); return true;
+    case 2: decode_avx512<scalar_t, 2>(args...); return true;
+    case 3: decode_avx512<scalar_t, 3>(args...); return true;
+    case 4: decode_avx512<scalar_t, 4>(args...); return true;
+    case 5: decode_avx512<scalar_t, 5>(args...); return true;
+    case 6: decode_avx512<scalar_t, 6>(args...); return true;
+    case 7: decode_avx512<scalar_t, 7>(args...); return true;
+    case 8: decode_avx512<scalar_t, 8>(args...); return true;
+    default: return false;
+  }
 }
 #endif  // __AVX512F__
 
@@ -339,19 +366,19 @@ void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache
               "block tables and context lengths must be int32");
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "paged_attention_decode", [&] {
 #if defined(__AVX512F__)
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (head_dim % 16 == 0) {
-        decode_avx512<scalar_t>(query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
-                                context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                                num_seqs, block_tables.size(1), block_size, num_heads,
-                                num_kv_heads, head_dim, float(scale), window);
-        return;
-      }
-    }
+  auto fast = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return decode_avx512_for<scalar_t>(
+        head_dim, query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+        v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
+        context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
+        block_tables.size(1), block_size, num_heads, num_kv_heads, head_dim, float(scale), window);
+  };
+  if (query.scalar_type() == at::kFloat && fast(float())) return;
+  if (query.scalar_type() == at::kBFloat16 && fast(c10::BFloat16())) return;
 #endif
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "paged_attention_decode", [&] {
     decode<scalar_t>(query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                      v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                      context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
