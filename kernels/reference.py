@@ -44,13 +44,17 @@ def paged_attention(
     return split_by_kind(query, block_tables, context_lens, query_start_loc, attend, attend)
 
 
-def split_by_kind(query, block_tables, context_lens, query_start_loc, decode, prefill):
+def split_by_kind(
+    query, block_tables, context_lens, query_start_loc, decode, prefill, is_decode=None
+):  # fmt: skip
     """Runs the decode rows (one query token each) and the prefill chunks of a flat batch
     apart, so that one long chunk does not pad every decode. Each of `decode` and `prefill` is
     called as f(query, block_tables, context_lens, q_lens) on its own sequences only (once,
-    on the whole batch, when all are of its kind), and the rows are put back in order."""
+    on the whole batch, when all are of its kind), and the rows are put back in order.
+    `is_decode` (per sequence) may send other sequences to `decode` as well."""
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    is_decode = q_lens == 1
+    if is_decode is None:
+        is_decode = q_lens == 1
     if bool(is_decode.all()):
         return decode(query, block_tables, context_lens, q_lens)
     if not bool(is_decode.any()):

@@ -78,22 +78,35 @@ def test_sliding_window_decodes(window):
     check(DECODES, window=window, block_size=8, num_heads=4, num_kv_heads=2)
 
 
+# Prefill rows go row-wise through the decode kernel (short sequences, AVX-512) or to SDPA and
+# the reference (ROW_WISE_KEYS 0: every sequence is long).
+ROW_WISE = pytest.mark.parametrize("row_wise_keys", [cpu.ROW_WISE_KEYS, 0])
+
+
 @needs_kernel
+@ROW_WISE
 @pytest.mark.parametrize("window", [None, 13])
-def test_mixed_batch_decode_and_prefill_rows(window):
+def test_mixed_batch_decode_and_prefill_rows(window, row_wise_keys, monkeypatch):
+    monkeypatch.setattr(cpu, "ROW_WISE_KEYS", row_wise_keys)
     check(MIXED, window=window, clean=True, block_size=8, num_heads=8, num_kv_heads=2)
 
 
 @needs_kernel
-def test_prefill_only_batch_is_the_reference():
+@ROW_WISE
+def test_prefill_only_batch_is_the_reference(row_wise_keys, monkeypatch):
+    monkeypatch.setattr(cpu, "ROW_WISE_KEYS", row_wise_keys)
     check([(23, 23), (50, 7), (90, 33)], clean=True, block_size=8)
 
 
 @needs_kernel
+@ROW_WISE
 @pytest.mark.parametrize("window", [None, 30])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_whole_prompts_attend_causally_one_at_a_time(window, num_kv_heads):
+def test_whole_prompts_attend_causally_one_at_a_time(
+    window, num_kv_heads, row_wise_keys, monkeypatch
+):
     # Whole prompts (query = context) take SDPA's causal kernel unless the window cuts in (40).
+    monkeypatch.setattr(cpu, "ROW_WISE_KEYS", row_wise_keys)
     check([(23, 23), (40, 40), (16, 16), (3, 3)], window=window, clean=True, block_size=8,
           num_heads=4, num_kv_heads=num_kv_heads)  # fmt: skip
 
@@ -284,7 +297,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
 
 
 def kernel_packing():
-    if not cpu.available() or not cpu._ops().packed_linear_available():
+    if not cpu.available() or not cpu._ops().built_with_avx512():
         skip_or_fail_in_ci("the CPU kernels' matmul needs AVX-512 and a C++ toolchain")
     return cpu.pack_linear
 

@@ -10,12 +10,20 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
 void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
                       int64_t rotary_dim);
 void silu_and_mul(at::Tensor out, at::Tensor x);
-bool packed_linear_available();
 at::Tensor pack_linear_weight(at::Tensor w);
 void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
                    c10::optional<at::Tensor> bias);
 void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
               at::Tensor slot_mapping);
+
+// The AVX-512 paths (linear.cpp, decode attention at head_dims of whole vectors) are in.
+bool built_with_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode);
@@ -23,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("store_kv", &store_kv);
-  m.def("packed_linear_available", &packed_linear_available);
+  m.def("built_with_avx512", &built_with_avx512);
   m.def("pack_linear_weight", &pack_linear_weight);
   m.def("packed_linear", &packed_linear);
 }

@@ -69,14 +69,6 @@ constexpr TileFn kTiles[kRows + 1] = {nullptr,        tile_rows<1>, tile_rows<2>
 
 }  // namespace
 
-bool packed_linear_available() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 // w [N, K] float32 -> [ceil(N / 16), K, 16], columns past N zero.
 at::Tensor pack_linear_weight(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear_weight: [N, K] float32");
@@ -117,6 +109,6 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
     }
   });
 #else
-  TORCH_CHECK(false, "packed_linear needs AVX-512 (see packed_linear_available)");
+  TORCH_CHECK(false, "packed_linear needs AVX-512 (see built_with_avx512)");
 #endif
 }
