@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedserve.engine.detokenizer import IncrementalText
+from pagedserve.engine.detokenizer import IncrementalText, fast_decoder
 from pagedserve.engine.engine_core import CoreOutput, SequenceUpdate
 from pagedserve.engine.outputs import CompletionOutput, RequestOutput
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -53,6 +53,7 @@ class _RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.decoder = fast_decoder(tokenizer)  # for the text grown a token at a time
         self._states: dict[str, _RequestState] = {}
 
     def add(
@@ -85,7 +86,7 @@ class OutputProcessor:
     def _take(
         self, state: _RequestState, seq: _SeqState, token: int, core_finished: bool
     ) -> str | None:
-        new_chars = len(seq.text.append(self.tokenizer, token))
+        new_chars = len(seq.text.append(self.decoder, token))
         seq.token_ids.append(token)
         params = state.params
         if core_finished or len(seq.token_ids) < params.min_tokens or not params.stop_strings:

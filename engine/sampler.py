@@ -88,10 +88,15 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
         logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
     logits = apply_penalties(logits.float(), t.seqs)
     vocab = logits.shape[-1]
+    # Every banned (row, token) at once; tokens past the vocabulary can never be sampled.
+    rows, cols = [], []
     for row, tokens in enumerate(t.banned):
-        tokens = [token for token in tokens if token < vocab]  # the rest can never be sampled
-        if tokens:
-            logits[row, tokens] = -float("inf")
+        for token in tokens:
+            if token < vocab:
+                rows.append(row)
+                cols.append(token)
+    if rows:
+        logits[rows, cols] = -float("inf")
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = _choose(logits, t)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pagedserve.engine.detokenizer import IncrementalText
+from pagedserve.engine.detokenizer import BackendDecoder, IncrementalText, fast_decoder
 
 TEXTS = [
     "Hello world, the cat sat on the mat.",
@@ -217,3 +217,22 @@ def test_visible_text_without_stop_strings_is_the_whole_text() -> None:
     text = IncrementalText([1])
     text.text = "abc"
     assert text.visible([], False) == "abc"
+
+
+def test_the_backend_decoder_decodes_as_the_tokenizer(tokenizer):
+    """The fast path the output processor takes: the `tokenizers` backend, where it decodes
+    exactly as transformers does (every window of ids, special tokens kept or skipped);
+    a tokenizer that cleans up spaces keeps transformers' decode."""
+    decoder = fast_decoder(tokenizer)
+    assert isinstance(decoder, BackendDecoder)
+    ids = [i for text in TEXTS for i in tokenizer.encode(text)] + tokenizer.all_special_ids
+    for start in range(len(ids) - 3):
+        for skip in (True, False):
+            window = ids[start : start + 4]
+            want = tokenizer.decode(window, skip_special_tokens=skip)
+            assert decoder.decode(window, skip_special_tokens=skip) == want
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert fast_decoder(tokenizer) is tokenizer
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False

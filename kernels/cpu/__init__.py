@@ -128,13 +128,14 @@ def paged_attention(
     window = int(sliding_window or 0)
 
     def rows(q, tables, lens, q_lens):
-        if q.shape[0] != len(q_lens):  # prefill rows: each its own prefix of its sequence
+        if q.shape[0] != len(lens):  # prefill rows: each its own prefix of its sequence
             seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
             first = (q_lens.cumsum(0) - q_lens)[seq]
             lens = (lens - q_lens)[seq] + (torch.arange(q.shape[0]) - first) + 1
             tables = tables.index_select(0, seq)
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        if q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:
+            q = q.contiguous()
+        out = q.new_empty(q.shape)
         _ops().paged_attention_decode(
             out, q, k_cache, v_cache, tables.contiguous(), lens.int().contiguous(), float(scale),
             window,
@@ -144,6 +145,8 @@ def paged_attention(
     def prefill(q, tables, lens, q_lens):
         return _prefill(q, k_cache, v_cache, tables, lens, q_lens, scale, sliding_window)
 
+    if query.shape[0] == len(context_lens):  # a query row per sequence: all decode
+        return rows(query, block_tables, context_lens, None)
     row_wise = None
     if _vectorized_decode(query):
         q_lens = query_start_loc[1:] - query_start_loc[:-1]

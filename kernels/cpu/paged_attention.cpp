@@ -78,7 +78,8 @@ template <typename scalar_t>
 void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_cache,
             const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
             int64_t num_seqs, int64_t max_blocks, int64_t block_size, int64_t num_heads,
-            int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window) {
+            int64_t num_kv_heads, int64_t head_dim, int64_t query_stride, float scale,
+            int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;  // one slot's keys (all heads)
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -97,7 +98,7 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
       }
       // The `group` query heads that share this KV head, scaled once.
       for (int64_t h = 0; h < group; ++h) {
-        const scalar_t* src = query + (seq * num_heads + kv_head * group + h) * head_dim;
+        const scalar_t* src = query + seq * query_stride + (kv_head * group + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] = to_float(src[d]) * scale;
       }
       // Scores, [group][len]: each key row is loaded once for all the heads that read it.
@@ -243,7 +244,8 @@ template <typename scalar_t, int C>
 void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_cache,
                    const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
                    int64_t num_seqs, int64_t max_blocks, int64_t block_size, int64_t num_heads,
-                   int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window) {
+                   int64_t num_kv_heads, int64_t head_dim, int64_t query_stride, float scale,
+                   int64_t window) {
   constexpr int64_t kRun = 16;  // slots per run: one vector of scores
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row = num_kv_heads * head_dim;
@@ -264,7 +266,7 @@ void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_
     for (int64_t h = h0; h < h1; ++h) {
       kv_head_offset[h - h0] = h / group * head_dim;
       for (int64_t d = 0; d < head_dim; ++d)
-        q[h * head_dim + d] = to_float(query[(seq * num_heads + h) * head_dim + d]) * scale;
+        q[h * head_dim + d] = to_float(query[seq * query_stride + h * head_dim + d]) * scale;
     }
 
     // Scores: per run and head, 16 dot products summed into one vector.
@@ -355,11 +357,13 @@ bool decode_avx512_for(int64_t head_dim, Args... args) {
 }  // namespace
 
 // query/out [num_seqs, num_heads, head_dim]: each sequence's one new token, whose keys are the
-// first context_lens[s] tokens of its blocks (its own included); window <= 0: no window.
+// first context_lens[s] tokens of its blocks (its own included); window <= 0: no window. The
+// query's rows may be strided (a view of the fused qkv projection), its heads not.
 void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache,
                             at::Tensor v_cache, at::Tensor block_tables, at::Tensor context_lens,
                             double scale, int64_t window) {
-  TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && out.is_contiguous() &&
+              k_cache.is_contiguous() &&
               v_cache.is_contiguous() && block_tables.is_contiguous() &&
               context_lens.is_contiguous(), "paged_attention_decode needs contiguous tensors");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
@@ -373,7 +377,8 @@ void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache
         head_dim, query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
         v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
         context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
-        block_tables.size(1), block_size, num_heads, num_kv_heads, head_dim, float(scale), window);
+        block_tables.size(1), block_size, num_heads, num_kv_heads, head_dim, query.stride(0),
+        float(scale), window);
   };
   if (query.scalar_type() == at::kFloat && fast(float())) return;
   if (query.scalar_type() == at::kBFloat16 && fast(c10::BFloat16())) return;
@@ -383,6 +388,6 @@ void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache
                      v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                      context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), num_seqs,
                      block_tables.size(1), block_size, num_heads, num_kv_heads, head_dim,
-                     float(scale), window);
+                     query.stride(0), float(scale), window);
   });
 }
