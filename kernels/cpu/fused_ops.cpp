@@ -32,6 +32,7 @@ void rms_norm_rows(const scalar_t* x, const scalar_t* residual, const scalar_t* 
       if (residual != nullptr) {  // x + residual, kept as the next residual
         const scalar_t* res = residual + r * hidden;
         scalar_t* kept = new_residual + r * hidden;
+#pragma omp simd reduction(+ : squares)
         for (int64_t i = 0; i < hidden; ++i) {
           kept[i] = scalar_t(to_float(xr[i]) + to_float(res[i]));
           const float v = to_float(kept[i]);
@@ -121,7 +122,7 @@ void silu_and_mul_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t d
       for (int64_t i = 0; i < d; ++i) {
         const float g = to_float(gate[i]);
         const float e = exp_nonpositive(-std::abs(g));  // sigmoid from exp(-|g|): no overflow
-        const float sigmoid = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+        const float sigmoid = (g >= 0.f ? 1.f : e) / (1.f + e);
         // The reference rounds silu(gate) to the dtype before the product.
         o[i] = scalar_t(rounded<scalar_t>(g * sigmoid) * to_float(up[i]));
       }
