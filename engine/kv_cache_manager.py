@@ -147,13 +147,19 @@ class KVCacheManager:
         return self.pool.num_free
 
     def num_shared_blocks(self) -> int:
-        return sum(1 for c in self.pool.ref_counts if c > 1)
+        counts = self.pool.ref_counts  # counted in C: the stats are read every step
+        return len(counts) - counts.count(0) - counts.count(1)
 
     def tokens_held(self, seqs: Iterable[Sequence]) -> int:
-        """Tokens stored in the blocks of `seqs`, each shared block counted once."""
-        fill: dict[int, int] = {}
+        """Tokens stored in the blocks of `seqs`, each shared block counted once: a sequence's
+        blocks are full up to its last, which holds the rest."""
         bs = self.block_size
+        full: set[int] = set()
+        last: dict[int, int] = {}  # partly filled block -> the most tokens a sequence has there
         for seq in seqs:
-            for i, block in enumerate(self.block_tables.get(seq.seq_id, [])):
-                fill[block] = max(fill.get(block, 0), min(bs, seq.num_computed_tokens - i * bs))
-        return sum(max(f, 0) for f in fill.values())
+            table = self.block_tables.get(seq.seq_id, [])
+            whole, rest = divmod(seq.num_computed_tokens, bs)
+            full.update(table[:whole])
+            if rest and whole < len(table):
+                last[table[whole]] = max(last.get(table[whole], 0), rest)
+        return len(full) * bs + sum(n for block, n in last.items() if block not in full)

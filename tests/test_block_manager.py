@@ -502,3 +502,22 @@ def test_freeing_drops_a_cached_prefix_from_its_tail() -> None:
     computed(kv, other)  # takes one block: the tail of the freed prefix
     assert kv.pool.num_evictions == 1
     assert kv.cached_prefix(make_seq(13)) == table[:2], "the head of the prefix is still cached"
+
+
+def test_tokens_held_and_shared_blocks_count_each_shared_block_once() -> None:
+    """The KV-waste figures: a forked pair shares its full block and its partial last block
+    (counted once); after copy-on-write each holds its own last block; an allocated block not
+    yet computed holds nothing."""
+    kv = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent, child = forked_pair(kv, 6)  # blocks [4 tokens, 2 tokens], both shared
+    assert kv.tokens_held([parent, child]) == 6
+    assert kv.num_shared_blocks() == 2
+    decode(kv, child)  # the child's copy of the last block now holds 3
+    assert kv.tokens_held([parent, child]) == 4 + 2 + 3
+    assert kv.num_shared_blocks() == 1
+    loner = make_seq(5, "loner")
+    kv.allocate(loner, 5)  # two blocks allocated, no token computed yet
+    assert kv.tokens_held([parent, child, loner]) == 9
+    loner.num_computed_tokens = 5
+    assert kv.tokens_held([parent, child, loner]) == 9 + 5
+    assert kv.tokens_held([loner]) == 5
