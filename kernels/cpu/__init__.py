@@ -159,12 +159,8 @@ def paged_attention(
 
 def _vectorized_decode(query) -> bool:
     """The decode kernel takes its AVX-512 path for this query (paged_attention.cpp)."""
-    head_dim = query.shape[-1]
-    return (
-        query.dtype in (torch.float32, torch.bfloat16)
-        and head_dim % 16 == 0
-        and head_dim <= 128
-        and _ops().built_with_avx512()
+    return query.dtype in (torch.float32, torch.bfloat16) and _ops().vectorized_decode(
+        query.shape[-1]
     )
 
 

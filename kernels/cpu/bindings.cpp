@@ -9,6 +9,7 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
               c10::optional<at::Tensor> residual, c10::optional<at::Tensor> new_residual);
 void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
                       int64_t rotary_dim);
+bool vectorized_decode(int64_t head_dim);
 void silu_and_mul(at::Tensor out, at::Tensor x);
 at::Tensor pack_linear_weight(at::Tensor w);
 void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
@@ -16,7 +17,7 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
 void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
               at::Tensor slot_mapping);
 
-// The AVX-512 paths (linear.cpp, decode attention at head_dims of whole vectors) are in.
+// The AVX-512 paths are in (linear.cpp; decode attention: see vectorized_decode).
 bool built_with_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -32,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul);
   m.def("store_kv", &store_kv);
   m.def("built_with_avx512", &built_with_avx512);
+  m.def("vectorized_decode", &vectorized_decode);
   m.def("pack_linear_weight", &pack_linear_weight);
   m.def("packed_linear", &packed_linear);
 }

@@ -55,16 +55,9 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, con
   }
 }
 
-template <int R>
-void tile_rows(const float* x, int64_t ldx, const float* panel, int64_t K, const float* next,
-               __m512* out) {
-  tile<R>(x, ldx, panel, K, next, out);
-}
-
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, __m512*);
-constexpr TileFn kTiles[kRows + 1] = {nullptr,        tile_rows<1>, tile_rows<2>,
-                                      tile_rows<3>,   tile_rows<4>, tile_rows<5>,
-                                      tile_rows<6>,   tile_rows<7>, tile_rows<8>};
+constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
+                                      tile<5>, tile<6>, tile<7>, tile<8>};
 #endif
 
 }  // namespace

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,8 +25,7 @@
 using pagedserve::exp_nonpositive;
 using pagedserve::to_float;
 
-
-
+bool vectorized_decode(int64_t head_dim);
 
 namespace {
 
@@ -39,35 +37,6 @@ inline void prefetch_rows(const scalar_t* base, const int64_t* rows, int64_t hea
   for (int64_t r = 0; r < 4; ++r)
     for (int64_t b = 0; b < bytes; b += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(base + rows[r]) + b);
-}
-
-// One work item: a sequence's KV heads [first_kv_head, end_kv_head).
-struct Item {
-  int64_t seq, first_kv_head, end_kv_head;
-};
-
-// The work items, split over torch's threads by the keys each reads (not by count), so that
-// no thread waits on another that holds the long sequences.
-template <typename Fn>
-void for_each_item(int64_t num_seqs, int64_t num_kv_heads, int64_t heads_per_item,
-                   const int32_t* context_lens, int64_t window, const Fn& attend) {
-  const int64_t per_seq = num_kv_heads / heads_per_item, items = num_seqs * per_seq;
-  std::vector<int64_t> cost(items + 1, 0);  // cumulative keys read, plus a fixed cost each
-  for (int64_t i = 0; i < items; ++i) {
-    const int64_t n = context_lens[i / per_seq];
-    cost[i + 1] = cost[i] + (window > 0 ? std::min(n, window) : n) + 16;
-  }
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    auto share_start = [&](int64_t t) {
-      return std::lower_bound(cost.begin(), cost.end(), cost[items] * t / threads) - cost.begin();
-    };
-    std::vector<float> scratch;  // the thread's, reused by each of its items
-    for (int64_t i = share_start(begin); i < std::min(share_start(end), items); ++i) {
-      const int64_t head = (i % per_seq) * heads_per_item;
-      attend(Item{i / per_seq, head, head + heads_per_item}, scratch);
-    }
-  });
 }
 
 // Keys are taken four at a time: four independent dot products (and one pass over the
@@ -177,10 +146,39 @@ void decode(const scalar_t* query, const scalar_t* k_cache, const scalar_t* v_ca
 // With AVX-512 and a head_dim of whole vectors: each sequence's slots swept in order, 16 at a
 // time, every head of the item from each slot row, with the next 16 slots fetched into L2
 // meanwhile. Measured on 2 EPYC cores, 32 sequences of 100-320 tokens with caches not in
-// cache (as in an engine step, where each layer's weights pass through in between): 0.62 ms
-// a call where the per-head kernel above takes 0.9-1.0 ms, against 0.5 ms for a plain read
+// cache (as in an engine step, where each layer's weights pass through in between): 0.55-0.61
+// ms a call where the per-head kernel above takes 0.9-1.0 ms, against 0.5 ms for a plain read
 // of the same bytes. Without the prefetch the sweep is no faster: the hardware prefetcher
 // does not follow block tables.
+
+// One work item: a sequence's KV heads [first_kv_head, end_kv_head).
+struct Item {
+  int64_t seq, first_kv_head, end_kv_head;
+};
+
+// The work items, split over torch's threads by the keys each reads (not by count), so that
+// no thread waits on another that holds the long sequences.
+template <typename Fn>
+void for_each_item(int64_t num_seqs, int64_t num_kv_heads, int64_t heads_per_item,
+                   const int32_t* context_lens, int64_t window, const Fn& attend) {
+  const int64_t per_seq = num_kv_heads / heads_per_item, items = num_seqs * per_seq;
+  std::vector<int64_t> cost(items + 1, 0);  // cumulative keys read, plus a fixed cost each
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t n = context_lens[i / per_seq];
+    cost[i + 1] = cost[i] + (window > 0 ? std::min(n, window) : n) + 16;
+  }
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    auto share_start = [&](int64_t t) {
+      return std::lower_bound(cost.begin(), cost.end(), cost[items] * t / threads) - cost.begin();
+    };
+    std::vector<float> scratch;  // the thread's, reused by each of its items
+    for (int64_t i = share_start(begin); i < std::min(share_start(end), items); ++i) {
+      const int64_t head = (i % per_seq) * heads_per_item;
+      attend(Item{i / per_seq, head, head + heads_per_item}, scratch);
+    }
+  });
+}
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 widened by a shift, as to_float
@@ -339,7 +337,7 @@ void decode_avx512(const scalar_t* query, const scalar_t* k_cache, const scalar_
 // decode_avx512 at this head_dim, compiled for 16, 32, ... 128; false where none is.
 template <typename scalar_t, typename... Args>
 bool decode_avx512_for(int64_t head_dim, Args... args) {
-  if (head_dim % 16 != 0) return false;
+  if (!vectorized_decode(head_dim)) return false;
   switch (head_dim / 16) {
     case 1: decode_avx512<scalar_t, 1>(args...); return true;
     case 2: decode_avx512<scalar_t, 2>(args...); return true;
@@ -356,6 +354,16 @@ bool decode_avx512_for(int64_t head_dim, Args... args) {
 
 }  // namespace
 
+// The head_dims (float32 and bfloat16) whose decode takes the AVX-512 kernel: whole vectors,
+// up to 8 of them.
+bool vectorized_decode(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim % 16 == 0 && head_dim / 16 >= 1 && head_dim / 16 <= 8;
+#else
+  return false;
+#endif
+}
+
 // query/out [num_seqs, num_heads, head_dim]: each sequence's one new token, whose keys are the
 // first context_lens[s] tokens of its blocks (its own included); window <= 0: no window. The
 // query's rows may be strided (a view of the fused qkv projection), its heads not.
@@ -363,9 +371,9 @@ void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache
                             at::Tensor v_cache, at::Tensor block_tables, at::Tensor context_lens,
                             double scale, int64_t window) {
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && out.is_contiguous() &&
-              k_cache.is_contiguous() &&
-              v_cache.is_contiguous() && block_tables.is_contiguous() &&
-              context_lens.is_contiguous(), "paged_attention_decode needs contiguous tensors");
+              k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "paged_attention_decode needs contiguous tensors (the query's rows may be strided)");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block tables and context lengths must be int32");
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
