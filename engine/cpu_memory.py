@@ -1,15 +1,25 @@
-"""Keep freed CPU memory in the process heap.
+"""CPU memory for the engine: freed blocks kept in the process heap, and the long-lived
+tensors (KV cache, packed weights) on huge pages.
 
 Each engine step allocates and frees tens of megabytes of temporaries (gathered K/V, logits).
 By default glibc hands such blocks back to the kernel on free and the next step faults every
 page in again, which on a VM costs more than the arithmetic: decode attention ran ~3x slower.
-Raising the mmap and trim thresholds keeps the blocks in the heap for reuse."""
+Raising the mmap and trim thresholds keeps the blocks in the heap for reuse.
+
+A decode step reads every running sequence's blocks, scattered over the cache, and streams
+every weight: on 4 KiB pages that is a TLB miss every 4 KiB. On 2 MiB pages a decode step of
+the benchmark's workload took 2-4% less time."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import math
+import mmap
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +43,29 @@ def keep_freed_memory_in_heap() -> None:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         ok = False
     logger.debug("malloc thresholds raised: %s", bool(ok))
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def zeros_on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor on 2 MiB pages, where Linux lends them (transparent huge pages in
+    its "madvise" or "always" mode); else on ordinary pages."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # Private: an anonymous mapping is shared by default, and shared memory takes no huge
+    # pages under THP's "madvise" mode.
+    buffer = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=-address % _HUGE_PAGE)
+    tensor = flat.view(dtype).view(shape)
+    tensor.zero_()  # fault every page in now, as torch.zeros does
+    return tensor
+
+
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` on 2 MiB pages (see zeros_on_huge_pages)."""
+    return zeros_on_huge_pages(tensor.shape, tensor.dtype).copy_(tensor)

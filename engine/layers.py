@@ -67,10 +67,11 @@ class PackableLinear:
         return linear(x, self.weight, bias)
 
 
-def pack_linear_weights(model: nn.Module, pack=None) -> None:
+def pack_linear_weights(model: nn.Module, pack=None, place=None) -> None:
     """On a CPU, each linear layer's weight packed once: by `pack` (the CPU kernels' float32
     matmul, which prefetches the weights a decode step streams) where it takes the weight,
-    else for oneDNN (13-25% faster per decode matmul than F.linear). The plain weight is then
+    else for oneDNN (13-25% faster per decode matmul than F.linear). `pack`'s packing is
+    copied by `place` where given (the engine puts it on huge pages). The plain weight is then
     freed, unless another layer reads it (an embedding tied to the LM head), so packing costs
     no memory."""
     shared = {
@@ -84,7 +85,7 @@ def pack_linear_weights(model: nn.Module, pack=None) -> None:
             continue
         weight = module.weight
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-            module.packed = (pack and pack(weight)) or OneDNNWeight(weight)
+            module.packed = (pack and pack(weight, place)) or OneDNNWeight(weight)
             if id(weight) not in shared:
                 weight.data = weight.data.new_empty(0)
 

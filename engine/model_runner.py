@@ -18,7 +18,11 @@ from torch import nn
 
 from pagedserve.engine.batch import Batch
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.cpu_memory import keep_freed_memory_in_heap
+from pagedserve.engine.cpu_memory import (
+    keep_freed_memory_in_heap,
+    on_huge_pages,
+    zeros_on_huge_pages,
+)
 from pagedserve.engine.layers import PagedAttention, bind_kernels, pack_linear_weights
 from pagedserve.engine.model_loader import LoadedModel
 from pagedserve.engine.parallel import ParallelContext, StepInput
@@ -65,7 +69,9 @@ class ModelRunner:
         self.model: nn.Module = loaded.model
         bind_kernels(self.model, self.kernels)
         if self.device.type == "cpu":
-            pack_linear_weights(self.model, getattr(self.kernels, "pack_linear", None))
+            pack_linear_weights(
+                self.model, getattr(self.kernels, "pack_linear", None), on_huge_pages
+            )
         self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.eos_token_ids = loaded.eos_token_ids
@@ -138,13 +144,15 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         layer = self.attention_layers[0]
         shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+
         # Zeros, not empty: masked slots are still multiplied by 0, and 0 * NaN would be NaN.
-        self.k_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attention_layers
-        ]
-        self.v_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attention_layers
-        ]
+        def zeros() -> torch.Tensor:
+            if self.device.type == "cpu":  # decode reads scattered blocks: spare the TLB
+                return zeros_on_huge_pages(shape, self.dtype)
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        self.k_caches = [zeros() for _ in self.attention_layers]
+        self.v_caches = [zeros() for _ in self.attention_layers]
         for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches, strict=True):
             layer.k_cache, layer.v_cache = k, v
         logger.info(

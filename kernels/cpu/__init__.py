@@ -221,9 +221,11 @@ def silu_and_mul(x):
 class PackedLinear:
     """A float32 linear weight packed once into linear.cpp's panels; called as F.linear is."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, place=None):
         self.shape = tuple(weight.shape)  # the logical [out_features, in_features]
         self.data = _ops().pack_linear_weight(weight.detach().contiguous())
+        if place is not None:  # the caller's choice of memory (the engine's: huge pages)
+            self.data = place(self.data)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -234,8 +236,9 @@ class PackedLinear:
         return out
 
 
-def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
-    """`weight` packed for linear.cpp, where it runs (float32, AVX-512); else None."""
+def pack_linear(weight: torch.Tensor, place=None) -> PackedLinear | None:
+    """`weight` packed for linear.cpp, where it runs (float32, AVX-512); else None. `place`,
+    if given, copies the packed tensor where it is to live."""
     if (
         weight.dtype != torch.float32
         or weight.device.type != "cpu"
@@ -243,7 +246,7 @@ def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
         or not _ops().built_with_avx512()
     ):
         return None
-    return PackedLinear(weight)
+    return PackedLinear(weight, place)
 
 
 def rms_norm(x, weight, eps: float, residual=None):
