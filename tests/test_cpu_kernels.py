@@ -111,14 +111,31 @@ def test_whole_prompts_attend_causally_one_at_a_time(
           num_heads=4, num_kv_heads=num_kv_heads)  # fmt: skip
 
 
+# Prefill chunks (after a cached prefix, and whole prompts) whose rows the kernel takes a few
+# at a time: row counts that do and do not fill its blocks of rows, one to 37 rows.
+PREFILL_ROWS = [(9, 1), (12, 3), (23, 23), (50, 7), (90, 37), (17, 4), (33, 5)]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("block_size", "num_heads", "num_kv_heads", "head_dim"),
+    [(8, 4, 4, 64), (16, 4, 2, 80), (32, 8, 2, 96), (16, 8, 1, 128), (8, 6, 2, 24), (16, 3, 3, 20)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rows_match_reference(block_size, num_heads, num_kv_heads, head_dim, dtype):
+    check(PREFILL_ROWS + DECODES[:3], dtype=dtype, clean=True, block_size=block_size,
+          num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)  # fmt: skip
+
+
 @needs_kernel
 def test_bfloat16_decodes():
     check(DECODES, dtype=torch.bfloat16, num_heads=8, num_kv_heads=2)
 
 
 @needs_kernel
-def test_strided_query_from_a_fused_qkv_projection():
-    query, k_cache, v_cache, *rest = make_case(DECODES)
+@pytest.mark.parametrize("seqs", [DECODES, PREFILL_ROWS], ids=["decodes", "prefill_rows"])
+def test_strided_query_from_a_fused_qkv_projection(seqs):
+    query, k_cache, v_cache, *rest = make_case(seqs)
     qkv = torch.randn(query.shape[0], 4 * 64 + 2 * 2 * 64)
     q = qkv[:, : 4 * 64].view(-1, 4, 64)  # rows strided by the whole qkv width
     q.copy_(query)

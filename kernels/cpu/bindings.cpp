@@ -4,7 +4,8 @@
 
 void paged_attention_decode(at::Tensor out, at::Tensor query, at::Tensor k_cache,
                             at::Tensor v_cache, at::Tensor block_tables, at::Tensor context_lens,
-                            double scale, int64_t window);
+                            double scale, int64_t window,
+                            c10::optional<at::Tensor> query_start_loc);
 void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
               c10::optional<at::Tensor> residual, c10::optional<at::Tensor> new_residual);
 void rotary_embedding(at::Tensor positions, at::Tensor x, at::Tensor cos, at::Tensor sin,
