@@ -65,6 +65,7 @@ class ModelRunner:
         # Chosen (and on a CPU, built or loaded) once, now rather than inside the first request.
         self.attention_backend = ops.resolve_backend(config.attention_backend, self.device)
         self.kernels = ops.backend_module(self.attention_backend)
+        self.greedy_sample = getattr(self.kernels, "greedy_sample", None)
         logger.info("attention backend: %s", self.attention_backend)
         self.model: nn.Module = loaded.model
         bind_kernels(self.model, self.kernels)
@@ -252,7 +253,7 @@ class ModelRunner:
         if sampled:
             fan_out = [seq.fan_out for seq in sampled]
             tensors = SamplingTensors.from_seqs(sampled, self.eos_token_ids, self.device, fan_out)
-            samples = iter(sample(next(logits), tensors))
+            samples = iter(sample(next(logits), tensors, self.greedy_sample))
             out.samples = {
                 seq.seq_id: [next(samples) for _ in range(k)]
                 for seq, k in zip(sampled, fan_out, strict=True)

@@ -23,6 +23,7 @@ class SamplingTensors:
     generators: list[torch.Generator | None]
     seqs: list[Sequence]  # the sequence of each row (a row per sample drawn)
     num_logprobs: int  # top-k alternatives to report (the most any row wants)
+    all_greedy: bool
 
     @classmethod
     def from_seqs(
@@ -60,6 +61,7 @@ class SamplingTensors:
             generators=[s.generator for s in rows],
             seqs=rows,
             num_logprobs=max(wanted),
+            all_greedy=all(p.temperature == 0 for p in params),
         )
 
 
@@ -76,8 +78,10 @@ class Sample:
         return entry
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
-    """logits [S, V] (one row per sequence) -> a sample per row of `t`."""
+def sample(logits: torch.Tensor, t: SamplingTensors, greedy=None) -> list[Sample]:
+    """logits [S, V] (one row per sequence) -> a sample per row of `t`. `greedy(logits)`, where
+    given (the CPU kernels'), returns each row's argmax and its logprob at once, for batches
+    whose every row is greedy and reports no alternatives."""
     if logits.shape[0] != len(t.seqs):  # fan-out: repeat each sequence's row for its samples
         repeats: list[int] = []
         for i, seq in enumerate(t.seqs):
@@ -97,6 +101,11 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> list[Sample]:
                 cols.append(token)
     if rows:
         logits[rows, cols] = -float("inf")
+    if greedy is not None and t.all_greedy and not t.num_logprobs:
+        tokens, chosen = greedy(logits)
+        return [
+            Sample(tok, lp, {}) for tok, lp in zip(tokens.tolist(), chosen.tolist(), strict=True)
+        ]
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = _choose(logits, t)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()

@@ -365,3 +365,19 @@ def test_packed_linear_layers_match_f_linear(dtype, packing):
         x = wide[:, 2 : 2 + weight.shape[1]]  # rows strided, as a view of a wider projection
         want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         torch.testing.assert_close(layer(x).float(), want, **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 33, 8192])
+def test_greedy_sample_is_argmax_and_its_log_softmax(vocab):
+    """Small integer logits, so that most rows hold ties, some across the vector lanes and the
+    tail: the first index of the largest, as torch.argmax."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(0, 4, (9, vocab), generator=gen).float()
+    logits[0] = -float("inf")  # every token banned: token 0, as argmax
+    if vocab > 3:
+        logits[1, [2, vocab - 1]] = -float("inf")
+    tokens, logprobs = cpu.greedy_sample(logits)
+    assert torch.equal(tokens, logits.argmax(-1))
+    want = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs[1:], want[1:])

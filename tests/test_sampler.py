@@ -28,6 +28,7 @@ def tensors(
         assert len(values) == rows
         return torch.tensor(values, dtype=dtype)
 
+    greedy = temperature == 0 if not isinstance(temperature, list) else not any(temperature)
     return SamplingTensors(
         temperature=col(temperature, torch.float32),
         top_p=col(top_p, torch.float32),
@@ -37,6 +38,7 @@ def tensors(
         generators=generators if generators is not None else [None] * rows,
         seqs=[Sequence("r", [1], PLAIN) for _ in range(rows)],
         num_logprobs=0,
+        all_greedy=greedy,
     )
 
 
@@ -65,6 +67,28 @@ def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(64, 100)
     out = token_ids(sample(logits.clone(), tensors(64, temperature=0.0)))
     assert torch.equal(out, logits.argmax(dim=-1))
+
+
+def test_the_cpu_kernels_greedy_pick_is_the_samplers_own() -> None:
+    """The fused argmax-and-logprob (kernels/cpu) that an all-greedy batch takes: the same
+    tokens (ties to the first, banned tokens skipped) and logprobs as the torch path."""
+    cpu = pytest.importorskip("pagedserve.kernels.cpu")
+    if not cpu.available():
+        pytest.skip("no CPU kernels here")
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3000) * 4
+    logits[1, [7, 900]] = logits[1].max() + 1  # a tie: the first wins
+    logits[2, :] = 0.5  # every token tied
+    banned = [[] for _ in range(40)]
+    banned[3] = [int(logits[3].argmax())]  # the top token banned: the runner-up wins
+    t = tensors(40, temperature=0.0, banned=banned)
+    want = sample(logits.clone(), t)
+    got = sample(logits.clone(), t, greedy=cpu.greedy_sample)
+    assert [s.token for s in got] == [s.token for s in want]
+    assert got[1].token == 7 and got[2].token == 0
+    torch.testing.assert_close(
+        torch.tensor([s.logprob for s in got]), torch.tensor([s.logprob for s in want])
+    )
 
 
 def test_greedy_rows_take_the_argmax_in_a_batch_with_random_rows() -> None:

@@ -8,7 +8,8 @@ into a padded copy than attending; `paged_attention_decode` reads every key and 
 where it lies. With AVX-512, the rows of short sequences' prefill chunks take it too (each
 row a decode over its own prefix); longer prefill chunks take SDPA (compute-bound, and SDPA's
 blocked kernel is the faster one there), one sequence at a time. RMSNorm, rotary and
-SiLU-and-mul are one pass over each row instead of several torch calls; store_kv one copy
+SiLU-and-mul, and greedy sampling's argmax with its logprob, are one pass over each row
+instead of several torch calls; store_kv one copy
 per token where index_put costs ~80 us a layer at 32 tokens. copy_blocks is the reference's.
 Where no C++ compiler is at hand, `available()` says so once and the reference runs instead.
 """
@@ -246,6 +247,15 @@ def pack_linear(weight: torch.Tensor, place=None) -> PackedLinear | None:
     ):
         return None
     return PackedLinear(weight, place)
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of float32 logits [rows, vocab]: the token torch.argmax picks and its
+    log_softmax, in one pass of fused_ops.cpp (the sampler's greedy rows, engine/sampler.py)."""
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    logprobs = torch.empty(logits.shape[0], dtype=torch.float32)
+    _ops().greedy_sample(tokens, logprobs, logits)
+    return tokens, logprobs
 
 
 def rms_norm(x, weight, eps: float, residual=None):

@@ -17,6 +17,7 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
                    c10::optional<at::Tensor> bias);
 void store_kv(at::Tensor key, at::Tensor value, at::Tensor k_cache, at::Tensor v_cache,
               at::Tensor slot_mapping);
+void greedy_sample(at::Tensor tokens, at::Tensor logprobs, at::Tensor logits);
 
 // The AVX-512 paths are in (linear.cpp; decode attention: see vectorized_decode).
 bool built_with_avx512() {
@@ -33,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("store_kv", &store_kv);
+  m.def("greedy_sample", &greedy_sample);
   m.def("built_with_avx512", &built_with_avx512);
   m.def("vectorized_decode", &vectorized_decode);
   m.def("pack_linear_weight", &pack_linear_weight);
