@@ -21,6 +21,7 @@ namespace {
 
 constexpr int64_t kPanel = 16;  // output columns per panel: one vector
 constexpr int kRows = 8;        // rows of x per tile: 8 accumulator chains
+constexpr int64_t kBlockBytes = 512 << 10;  // of x per pass over the panels (half an L2)
 
 #if defined(__AVX512F__)
 // R rows of x times one panel, over all of K, into out[r] (R vectors). `next`: the panel to
@@ -85,19 +86,30 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   const int64_t ldx = x.stride(0);
+  // Rows of x per pass over a thread's panels: what stays in L2 (256 at K = 512). With every
+  // row in one pass, each panel re-read all of x from L3 and a 2,048-row prefill ran 3-7%
+  // slower than 512 rows.
+  const int64_t block = std::max<int64_t>(kRows, (kBlockBytes / (K * 4)) / kRows * kRows);
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     __m512 rows[kRows];
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = w + p * K * kPanel;
-      const float* next = p + 1 < end ? panel + K * kPanel : nullptr;
-      const int64_t col = p * kPanel, width = std::min(kPanel, N - col);
-      const __mmask16 mask = __mmask16((1u << width) - 1);
-      const __m512 add = b != nullptr ? _mm512_maskz_loadu_ps(mask, b + col) : _mm512_setzero_ps();
-      for (int64_t m = 0; m < M; m += kRows) {
-        const int64_t r = std::min<int64_t>(kRows, M - m);
-        kTiles[r](xs + m * ldx, ldx, panel, K, m == 0 ? next : nullptr, rows);
-        for (int64_t i = 0; i < r; ++i)
-          _mm512_mask_storeu_ps(o + (m + i) * N + col, mask, _mm512_add_ps(rows[i], add));
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t m1 = std::min(M, m0 + block);
+      for (int64_t p = begin; p < end; ++p) {
+        const float* panel = w + p * K * kPanel;
+        // The panel after this one, or the first one again for the next block of rows.
+        const float* next = p + 1 < end ? panel + K * kPanel
+                            : m1 < M   ? w + begin * K * kPanel
+                                       : nullptr;
+        const int64_t col = p * kPanel, width = std::min(kPanel, N - col);
+        const __mmask16 mask = __mmask16((1u << width) - 1);
+        const __m512 add =
+            b != nullptr ? _mm512_maskz_loadu_ps(mask, b + col) : _mm512_setzero_ps();
+        for (int64_t m = m0; m < m1; m += kRows) {
+          const int64_t r = std::min<int64_t>(kRows, m1 - m);
+          kTiles[r](xs + m * ldx, ldx, panel, K, m == m0 ? next : nullptr, rows);
+          for (int64_t i = 0; i < r; ++i)
+            _mm512_mask_storeu_ps(o + (m + i) * N + col, mask, _mm512_add_ps(rows[i], add));
+        }
       }
     }
   });
