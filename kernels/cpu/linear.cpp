@@ -3,10 +3,12 @@
 //
 // Each panel is swept over K once per 8 rows of x, 8 accumulators (one per row; fewer rows
 // split K so that 8 chains still hide the FMA latency). While a thread reads a panel for its
-// first rows it prefetches its next panel into L2: at the 32 rows of a decode step the
-// weights stream from memory at every step, and oneDNN, with no such prefetch, spends a
-// quarter of its time waiting for them (measured on 2 EPYC cores, the throughput benchmark's
-// model: 8.5-9.0 ms a step where oneDNN takes 10.6; at 2,048 rows the two are level).
+// rows it prefetches its next panel into L2, the lines shared out over the tiles of rows so
+// that the prefetches do not come in a burst (3% faster at 32 rows than all in the first
+// tile): at the 32 rows of a decode step the weights stream from memory at every step, and
+// oneDNN, with no such prefetch, spends a quarter of its time waiting for them (measured on
+// 2 EPYC cores, the throughput benchmark's model: 8.5-9.0 ms a step where oneDNN takes 10.6;
+// at 2,048 rows the two are level).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,11 +26,11 @@ constexpr int kRows = 8;        // rows of x per tile: 8 accumulator chains
 constexpr int64_t kBlockBytes = 512 << 10;  // of x per pass over the panels (half an L2)
 
 #if defined(__AVX512F__)
-// R rows of x times one panel, over all of K, into out[r] (R vectors). `next`: the panel to
-// fetch into L2 meanwhile (or null).
+// R rows of x times one panel, over all of K, into out[r] (R vectors). `next`: lines of the
+// panel to fetch into L2 meanwhile, one in `every` (or null).
 template <int R>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, const float* next,
-                 __m512* out) {
+                 int64_t every, __m512* out) {
   constexpr int U = (kRows + R - 1) / R;  // K split U ways: R * U >= 8 chains
   __m512 acc[U][R];
   for (int u = 0; u < U; ++u)
@@ -37,16 +39,16 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, con
   for (; k + U <= K; k += U) {
     for (int u = 0; u < U; ++u) {
       const __m512 w = _mm512_loadu_ps(panel + (k + u) * kPanel);
-      if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + (k + u) * kPanel),
-                                        _MM_HINT_T1);
+      if (next != nullptr && ((k + u) & (every - 1)) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (k + u) * kPanel), _MM_HINT_T1);
       for (int r = 0; r < R; ++r)
         acc[u][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + u]), w, acc[u][r]);
     }
   }
   for (; k < K; ++k) {
     const __m512 w = _mm512_loadu_ps(panel + k * kPanel);
-    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel),
-                                      _MM_HINT_T1);
+    if (next != nullptr && (k & (every - 1)) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T1);
     for (int r = 0; r < R; ++r)
       acc[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, acc[0][r]);
   }
@@ -56,7 +58,8 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, con
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, __m512*);
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t,
+                       __m512*);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
                                       tile<5>, tile<6>, tile<7>, tile<8>};
 #endif
@@ -104,9 +107,14 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
         const __mmask16 mask = __mmask16((1u << width) - 1);
         const __m512 add =
             b != nullptr ? _mm512_maskz_loadu_ps(mask, b + col) : _mm512_setzero_ps();
-        for (int64_t m = m0; m < m1; m += kRows) {
+        // The next panel's lines shared out over this block's tiles: tile t fetches lines
+        // t, t + T, t + 2T... (T tiles, rounded down to a power of two).
+        int64_t every = 1;
+        while (every * 2 * kRows <= m1 - m0) every *= 2;
+        for (int64_t m = m0, t = 0; m < m1; m += kRows, ++t) {
           const int64_t r = std::min<int64_t>(kRows, m1 - m);
-          kTiles[r](xs + m * ldx, ldx, panel, K, m == m0 ? next : nullptr, rows);
+          const float* fetch = next != nullptr && t < every ? next + t * kPanel : nullptr;
+          kTiles[r](xs + m * ldx, ldx, panel, K, fetch, every, rows);
           for (int64_t i = 0; i < r; ++i)
             _mm512_mask_storeu_ps(o + (m + i) * N + col, mask, _mm512_add_ps(rows[i], add));
         }
