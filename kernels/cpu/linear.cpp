@@ -97,6 +97,10 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
     __m512 rows[kRows];
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t m1 = std::min(M, m0 + block);
+      // The next panel's lines shared out over this block's tiles: tile t fetches lines
+      // t, t + T, t + 2T... (T tiles, rounded down to a power of two).
+      int64_t every = 1;
+      while (every * 2 * kRows <= m1 - m0) every *= 2;
       for (int64_t p = begin; p < end; ++p) {
         const float* panel = w + p * K * kPanel;
         // The panel after this one, or the first one again for the next block of rows.
@@ -107,10 +111,6 @@ void packed_linear(at::Tensor out, at::Tensor x, at::Tensor packed,
         const __mmask16 mask = __mmask16((1u << width) - 1);
         const __m512 add =
             b != nullptr ? _mm512_maskz_loadu_ps(mask, b + col) : _mm512_setzero_ps();
-        // The next panel's lines shared out over this block's tiles: tile t fetches lines
-        // t, t + T, t + 2T... (T tiles, rounded down to a power of two).
-        int64_t every = 1;
-        while (every * 2 * kRows <= m1 - m0) every *= 2;
         for (int64_t m = m0, t = 0; m < m1; m += kRows, ++t) {
           const int64_t r = std::min<int64_t>(kRows, m1 - m);
           const float* fetch = next != nullptr && t < every ? next + t * kPanel : nullptr;
