@@ -23,7 +23,7 @@ class SamplingTensors:
     generators: list[torch.Generator | None]
     seqs: list[Sequence]  # the sequence of each row (a row per sample drawn)
     num_logprobs: int  # top-k alternatives to report (the most any row wants)
-    all_greedy: bool
+    all_greedy: bool  # every row's temperature is 0
 
     @classmethod
     def from_seqs(
@@ -123,9 +123,9 @@ def sample(logits: torch.Tensor, t: SamplingTensors, greedy=None) -> list[Sample
 
 def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
-    is_greedy = t.temperature == 0
-    if bool(is_greedy.all()):
+    if t.all_greedy:
         return greedy
+    is_greedy = t.temperature == 0
     temperature = torch.where(is_greedy, torch.ones_like(t.temperature), t.temperature)
     probs = _filter(logits / temperature[:, None], t).softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
