@@ -9,8 +9,8 @@ where it lies. With AVX-512, the rows of short sequences' prefill chunks take it
 row a decode over its own prefix); longer prefill chunks take SDPA (compute-bound, and SDPA's
 blocked kernel is the faster one there), one sequence at a time. RMSNorm, rotary and
 SiLU-and-mul, and greedy sampling's argmax with its logprob, are one pass over each row
-instead of several torch calls; store_kv one copy
-per token where index_put costs ~80 us a layer at 32 tokens. copy_blocks is the reference's.
+instead of several torch calls; store_kv one copy per token where index_put costs ~80 us a
+layer at 32 tokens. copy_blocks is the reference's.
 Where no C++ compiler is at hand, `available()` says so once and the reference runs instead.
 """
 
@@ -297,6 +297,7 @@ def rotary_embedding(positions, query, key, cos, sin, rotary_dim: int) -> None:
 __all__ = [
     "available",
     "copy_blocks",
+    "greedy_sample",
     "pack_linear",
     "paged_attention",
     "rms_norm",
