@@ -1,11 +1,12 @@
-// Decode attention straight from the paged KV cache, for CPUs.
+// Decode attention (and short prefill rows) straight from the paged KV cache, for CPUs.
 //
 // The PyTorch reference gathers every sequence's blocks into a padded copy and then runs SDPA:
 // on a CPU, decode attention is bound by memory traffic, and that copy (padded to the longest
 // sequence) costs more than the attention itself. Here each key and value is read once, where
 // it lies, through the block table: with AVX-512 (and a head_dim of whole vectors), each
-// sequence's slots in order, every head at once; elsewhere, each (sequence, KV head) on its
-// own. Work items run on torch's intra-op thread pool, so `torch.set_num_threads` (the
+// sequence's slots in order, every head at once, and a prefill chunk's rows too, a few at a
+// time (query_start_loc); elsewhere, decode rows only, each (sequence, KV head) on its own.
+// Work items run on torch's intra-op thread pool, so `torch.set_num_threads` (the
 // engine's cpu_threads) governs them.
 
 #include <ATen/ATen.h>
