@@ -48,9 +48,10 @@ def keep_freed_memory_in_heap() -> None:
 _HUGE_PAGE = 2 << 20
 
 
-def zeros_on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor on 2 MiB pages, where Linux lends them (transparent huge pages in
-    its "madvise" or "always" mode); else on ordinary pages."""
+def _on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor on 2 MiB pages, where Linux lends them (transparent huge pages in its
+    "madvise" or "always" mode), else on ordinary pages: zero-filled by the kernel, its pages
+    faulted in at first touch."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
@@ -61,11 +62,15 @@ def zeros_on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
         buffer.madvise(mmap.MADV_HUGEPAGE)
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=-address % _HUGE_PAGE)
-    tensor = flat.view(dtype).view(shape)
-    tensor.zero_()  # fault every page in now, as torch.zeros does
-    return tensor
+    return flat.view(dtype).view(shape)
+
+
+def zeros_on_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor on 2 MiB pages (see _on_huge_pages), every page faulted in now, as
+    torch.zeros does."""
+    return _on_huge_pages(shape, dtype).zero_()
 
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` on 2 MiB pages (see zeros_on_huge_pages)."""
-    return zeros_on_huge_pages(tensor.shape, tensor.dtype).copy_(tensor)
+    """A copy of `tensor` on 2 MiB pages (see _on_huge_pages); the copy faults them in."""
+    return _on_huge_pages(tensor.shape, tensor.dtype).copy_(tensor)
