@@ -713,34 +713,40 @@ def test_metrics_count_prefix_cache_lookups_and_hits(worker: ServerProcess) -> N
     assert metric(worker, "pagedserve_worker_prefix_cache_hits_total") >= hits + 16
 
 
-def test_metrics_show_kv_waste_sharing_and_the_hit_rate_live(worker: ServerProcess) -> None:
+def test_metrics_show_kv_waste_sharing_and_the_hit_rate_live(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     """While two samples of one prompt run, their prompt blocks are shared (copy-on-write) and
-    each sequence's last block is part empty: /metrics shows both as they happen."""
-    body = {"model": "tiny", "prompt": "The shared prompt of two samples, " * 4, "n": 2,
-            "max_tokens": 200, "ignore_eos": True, "temperature": 1.0, "seed": 1}  # fmt: skip
-    done = threading.Event()
+    each sequence's last block is part empty: /metrics shows both as they happen. Its own
+    worker, with room for 900 tokens: 200 ended between two of the polls on CI."""
+    with worker_process(
+        tmp_path, tiny_llama, None, model_names="tiny", **{**ENGINE, "max_model_len": 1024}
+    ).start() as worker:
+        body = {"model": "tiny", "prompt": "The shared prompt of two samples, " * 4, "n": 2,
+                "max_tokens": 900, "ignore_eos": True, "temperature": 1.0, "seed": 1}  # fmt: skip
+        done = threading.Event()
 
-    def run() -> None:
-        try:
-            assert post(worker, "/v1/completions", body).status_code == 200
-        finally:
-            done.set()
+        def run() -> None:
+            try:
+                assert post(worker, "/v1/completions", body).status_code == 200
+            finally:
+                done.set()
 
-    t = threading.Thread(target=run)
-    t.start()
-    shared, waste = [], []
-    while not done.is_set():
-        shared.append(metric(worker, "pagedserve_worker_kv_blocks_shared"))
-        waste.append(metric(worker, "pagedserve_worker_kv_cache_waste"))
-    t.join(30)
-    assert max(shared) >= 1, shared
-    # (1.0 is right for the moment between a block's allocation and its prefill)
-    assert all(0.0 <= w <= 1.0 for w in waste) and any(0.0 < w < 1.0 for w in waste), waste
-    queried = metric(worker, "pagedserve_worker_prefix_cache_queries_total")
-    hits = metric(worker, "pagedserve_worker_prefix_cache_hits_total")
-    assert metric(worker, "pagedserve_worker_prefix_cache_hit_rate") == pytest.approx(
-        hits / queried, rel=1e-6
-    )
+        t = threading.Thread(target=run)
+        t.start()
+        shared, waste = [], []
+        while not done.is_set():
+            shared.append(metric(worker, "pagedserve_worker_kv_blocks_shared"))
+            waste.append(metric(worker, "pagedserve_worker_kv_cache_waste"))
+        t.join(30)
+        assert max(shared) >= 1, shared
+        # (1.0 is right for the moment between a block's allocation and its prefill)
+        assert all(0.0 <= w <= 1.0 for w in waste) and any(0.0 < w < 1.0 for w in waste), waste
+        queried = metric(worker, "pagedserve_worker_prefix_cache_queries_total")
+        hits = metric(worker, "pagedserve_worker_prefix_cache_hits_total")
+        assert metric(worker, "pagedserve_worker_prefix_cache_hit_rate") == pytest.approx(
+            hits / queried, rel=1e-6
+        )
 
 
 # -- models without a chat template, draining ------------------------------------------------------
